@@ -1,0 +1,147 @@
+"""The decoder stack and the jitted entry points `prefill` and `decode_step`.
+
+prefill(params, cache, tokens[B, T], lengths[B]) runs the naive MLA form over right-padded prompts and writes
+the latent cache; decode_step(params, cache, tokens[B]) runs the absorbed form against it. Both are pure: the
+cache goes in and a new one comes out (the input buffer is donated, so XLA updates it in place).
+Host-side checks (token ids, lengths, capacity) run before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.cache import Cache
+from model.config import Config
+from model.layers import F32, rms_norm, swiglu
+from model.mla import attend_absorbed, attend_naive, cache_mask, causal_mask, project, write_cache
+from model.moe import moe
+from model.params import Layer, Moe, Params
+
+
+def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto"):
+    """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R].
+
+    Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
+    decode writes them at each sequence's position and attends in the absorbed form against the cache.
+    """
+    h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+    q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
+    start = positions[:, 0]
+    cache_c, cache_r = write_cache(cache_c, c_kv, start), write_cache(cache_r, k_pe, start)
+    if decode:
+        mask = cache_mask(positions, cache_c.shape[1])
+        a = attend_absorbed(p.attn, q_nope, q_pe, cache_c, cache_r, mask, cfg.softmax_scale)
+    else:
+        a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale)
+    x = x + a
+    h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
+    with jax.named_scope("ffn"):
+        f = moe(p.ffn, h, cfg, impl=moe_impl) if isinstance(p.ffn, Moe) else swiglu(p.ffn, h)
+    return x + f, cache_c, cache_r
+
+
+def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str):
+    def step(x, layer_and_cache):
+        layer, cc, cr = layer_and_cache
+        x, cc, cr = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl)
+        return x, (cc, cr)
+    x, (cache_c, cache_r) = jax.lax.scan(step, x, (stack, cache_c, cache_r))
+    return x, cache_c, cache_r
+
+
+def forward(params: Params, cache: Cache, tokens, positions, cfg: Config, *, decode: bool,
+            moe_impl: str = "auto"):
+    """Embed, all layers, final norm. tokens/positions: [B, T]. Returns (hidden [B, T, D] after the final
+    RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R])."""
+    x = params.embed[tokens]  # [B, T, D]
+    n_dense = cfg.first_k_dense_replace
+    c_kv, k_pe = cache.c_kv, cache.k_pe
+    for stack, lo, hi in ((params.dense_layers, 0, n_dense), (params.moe_layers, n_dense, cfg.num_hidden_layers)):
+        if stack is None:
+            continue
+        with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
+            x, cc, cr = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl)
+        # written back into the full buffers (in place when the cache is donated)
+        c_kv, k_pe = c_kv.at[lo:hi].set(cc), k_pe.at[lo:hi].set(cr)
+    return rms_norm(x, params.norm, cfg.rms_norm_eps), c_kv, k_pe
+
+
+def lm_logits(params: Params, hidden) -> jax.Array:
+    """[..., D] -> [..., V] float32."""
+    return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=F32)
+
+
+def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto"):
+    """Unjitted prefill (see `prefill`)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl)
+    new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32))
+    if all_logits:
+        return lm_logits(params, hidden), new_cache
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return lm_logits(params, last), new_cache
+
+
+def decode_fn(params, cache, tokens, cfg, moe_impl="auto"):
+    """Unjitted decode step (see `decode_step`)."""
+    positions = cache.lengths[:, None]  # [B, 1]
+    hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl)
+    return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1)
+
+
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl"), donate_argnames=("cache",))
+_decode = jax.jit(decode_fn, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
+
+
+def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+        raise ValueError(f"{what} out of the vocabulary [0, {cfg.vocab_size}): {bad[:8].tolist()}")
+    return arr
+
+
+def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_logits: bool = False,
+            moe_impl: str = "auto"):
+    """Run right-padded prompts through the model and fill the (empty) cache.
+
+    Args: tokens: [B, T] int, prompt b in tokens[b, :lengths[b]] (the rest is padding, any valid id);
+      lengths: [B] int, 1 <= lengths[b] <= T <= cache.max_len. The cache is donated.
+    Returns: logits [B, V] float32 at each prompt's last token ([B, T, V] if all_logits), and the new cache.
+    """
+    tok = check_tokens(cfg, tokens)
+    lens = np.asarray(lengths)
+    if tok.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tok.shape}")
+    if lens.shape != (tok.shape[0],):
+        raise ValueError(f"lengths must be [B]={tok.shape[0]}, got shape {lens.shape}")
+    if tok.shape[0] != cache.batch:
+        raise ValueError(f"batch {tok.shape[0]} does not match the cache's batch {cache.batch}")
+    if lens.size and lens.min() < 1:
+        raise ValueError(f"empty prompt: lengths must be >= 1, got {lens.tolist()}")
+    if lens.size and lens.max() > tok.shape[1]:
+        raise ValueError(f"lengths {lens.tolist()} exceed the padded prompt length T={tok.shape[1]}")
+    if tok.shape[1] > cache.max_len:
+        raise ValueError(f"prompt of {tok.shape[1]} tokens is longer than the cache ({cache.max_len} tokens)")
+    return _prefill(params, cache, jnp.asarray(tok, jnp.int32), jnp.asarray(lens, jnp.int32), cfg=cfg,
+                    all_logits=all_logits, moe_impl=moe_impl)
+
+
+def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, moe_impl: str = "auto", check: bool = True):
+    """One token per sequence through the absorbed-attention path. tokens: [B]. The cache is donated.
+
+    Returns logits [B, V] float32 and the cache with each length advanced by one. With check=True the token ids
+    and the cache capacity are verified on the host first (a small device->host read of the lengths).
+    """
+    if check:
+        tok = check_tokens(cfg, tokens)
+        if tok.shape != (cache.batch,):
+            raise ValueError(f"tokens must be [B]={cache.batch}, got shape {tok.shape}")
+        if int(np.max(np.asarray(cache.lengths))) >= cache.max_len:
+            raise ValueError(f"the cache is full ({cache.max_len} tokens); allocate a longer one")
+    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, moe_impl=moe_impl)

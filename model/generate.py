@@ -1,0 +1,116 @@
+"""generate(): prefill, then a decode loop that stays on the device (one jitted `lax.while_loop`).
+
+Each sequence stops on its own at a stop token or after max_new_tokens; the loop ends when all have stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.cache import cache_shapes
+from model.config import Config
+from model.forward import check_tokens, decode_fn, prefill_fn
+from model.params import Params
+from model.sampling import SamplingParams, sample, step_keys
+
+PAD = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    tokens: np.ndarray  # [B, max_new_tokens] int32, PAD after each sequence's end
+    num_generated: np.ndarray  # [B] tokens produced, the stop token included
+    stopped: np.ndarray  # [B] bool: ended on a stop token
+
+    def sequences(self, include_stop: bool = False) -> list[list[int]]:
+        out = []
+        for row, n, s in zip(self.tokens, self.num_generated, self.stopped):
+            keep = n - (1 if s and not include_stop else 0)
+            out.append(row[:keep].tolist())
+        return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len"))
+def _generate_loop(params, tokens, lengths, stop_ids, request_ids, cfg, sp, max_new_tokens, max_len):
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, tokens.shape[0], max_len))
+    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg)
+    b = tokens.shape[0]
+    first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
+    out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_ids) | (max_new_tokens <= 1)
+    n_gen = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last, out, done, n_gen = state
+        logits, cache = decode_fn(params, cache, last, cfg)
+        nxt = sample(logits, step_keys(sp.seed, request_ids, step), sp)
+        nxt = jnp.where(done, PAD, nxt)
+        out = out.at[:, step].set(nxt)
+        n_gen = n_gen + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, stop_ids) | (step + 1 >= max_new_tokens)
+        return step + 1, cache, jnp.maximum(nxt, 0), out, done, n_gen
+
+    state = (jnp.int32(1), cache, first, out, done, n_gen)
+    _, _, _, out, _, n_gen = jax.lax.while_loop(cond, body, state)
+    return out, n_gen
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 16):
+    """Right-pad prompts to a common length (rounded up to `multiple`, bounding recompiles)."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = int(-(-max(lengths.max(), 1) // multiple) * multiple)
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, lengths
+
+
+def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+             max_len: int | None = None, request_ids: Sequence[int] | None = None) -> GenerateOutput:
+    """Generate continuations for a batch of prompts of different lengths.
+
+    Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
+      last generated token); max_len: cache length (default: longest prompt + max_new_tokens, padded);
+      request_ids: per-sequence ids for the sampling keys (default 0..B-1).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        check_tokens(cfg, np.asarray(p, np.int64), what=f"prompt {i} token ids")
+    stop = check_tokens(cfg, np.asarray(list(stop_tokens), np.int64), what="stop token ids")
+    tokens, lengths = pad_prompts(prompts)
+    need = int(lengths.max()) + max_new_tokens
+    if max_len is None:
+        max_len = min(-(-need // 64) * 64, cfg.max_position_embeddings)
+    if need > max_len or need > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} = {need} "
+                         f"exceeds the cache length {max_len} (max_position_embeddings="
+                         f"{cfg.max_position_embeddings})")
+    tokens = tokens[:, :max_len]
+    b = len(prompts)
+    if max_new_tokens == 0:
+        return GenerateOutput(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), np.zeros(b, bool))
+    rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
+    stop_arr = jnp.asarray(stop if stop.size else np.array([PAD]), jnp.int32)
+    out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
+                                jnp.asarray(rid, jnp.int32), cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
+                                max_len=max_len)
+    out, n_gen = np.asarray(out), np.asarray(n_gen)
+    last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
+    stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)
+    return GenerateOutput(out, n_gen, stopped)

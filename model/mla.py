@@ -1,0 +1,93 @@
+"""Multi-head latent attention (MLA) in its two forms.
+
+- Naive (prefill): the latent is decompressed through `wk_b`/`wv_b` into per-head keys and values, then ordinary
+  causal attention with query/key dim H+R and value dim V.
+- Absorbed (decode): `wk_b` is folded into the query and `wv_b` into the output, so attention runs directly
+  against the cache, which holds only the normalised latent c_kv [S, C] and the rotated rope key k_pe [S, R] per
+  token per layer, shared by all heads (an MQA with key dim C+R and value dim C).
+
+Both take the same projections (`project`), so their equivalence is a test of the absorption algebra alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from model.config import Config
+from model.layers import F32, dot, rms_norm
+from model.params import Attention
+from model.rope import apply_rope
+
+NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
+
+
+def project(p: Attention, x: jax.Array, positions: jax.Array, cfg: Config):
+    """Low-rank query and key/value paths, with RoPE applied.
+
+    Args: x: [B, T, D]; positions: [B, T].
+    Returns: q_nope [B, T, N, H], q_pe [B, T, N, R], c_kv [B, T, C] (after kv_norm), k_pe [B, T, R] (rotated).
+    """
+    h, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    with jax.named_scope("q_proj"):
+        c_q = rms_norm(dot(x, p.wq_a, "BTD,DQ->BTQ"), p.q_norm, cfg.rms_norm_eps)  # [B, T, Q]
+        q = dot(c_q, p.wq_b, "BTQ,QNK->BTNK")  # [B, T, N, H+R]
+        q_nope, q_pe = q[..., :h], apply_rope(q[..., h:], positions, cfg)
+    with jax.named_scope("kv_proj"):
+        kv = dot(x, p.wkv_a, "BTD,DK->BTK")  # [B, T, C+R]
+        c_kv = rms_norm(kv[..., :c], p.kv_norm, cfg.rms_norm_eps)  # [B, T, C]
+        k_pe = apply_rope(kv[..., c:], positions, cfg)  # [B, T, R]
+    return q_nope, q_pe, c_kv, k_pe
+
+
+def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    scores = jnp.where(mask, scores, NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale: float) -> jax.Array:
+    """Decompressed attention. q_*: [B, T, N, *]; c_kv: [B, S, C]; k_pe: [B, S, R]; mask: [B, T, S].
+
+    Returns [B, T, D].
+    """
+    with jax.named_scope("attend_naive"):
+        k_nope = dot(c_kv, p.wk_b, "BSC,CNH->BSNH")  # [B, S, N, H]
+        v = dot(c_kv, p.wv_b, "BSC,CNV->BSNV")  # [B, S, N, V]
+        scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=F32)
+                  + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=F32)) * scale
+        probs = _softmax(scores, mask[:, None]).astype(v.dtype)  # [B, N, T, S]
+        o = jnp.einsum("BNTS,BSNV->BTNV", probs, v, preferred_element_type=F32).astype(v.dtype)
+        return dot(o, p.wo, "BTNV,NVD->BTD")
+
+
+def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Array, scale: float) -> jax.Array:
+    """Weight-absorbed attention against the latent cache.
+
+    q_nope: [B, T, N, H]; q_pe: [B, T, N, R]; cache_c: [B, S, C]; cache_r: [B, S, R]; mask: [B, T, S].
+    scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
+    """
+    with jax.named_scope("attend_absorbed"):
+        q_lat = dot(q_nope, p.wk_b, "BTNH,CNH->BTNC")  # [B, T, N, C]
+        scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
+                  + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
+        probs = _softmax(scores, mask[:, None]).astype(cache_c.dtype)  # [B, N, T, S]
+        o_lat = jnp.einsum("BNTS,BSC->BTNC", probs, cache_c, preferred_element_type=F32).astype(q_nope.dtype)
+        o = dot(o_lat, p.wv_b, "BTNC,CNV->BTNV")  # [B, T, N, V]
+        return dot(o, p.wo, "BTNV,NVD->BTD")
+
+
+def causal_mask(t: int) -> jax.Array:
+    """[1, T, T]: query t sees keys s <= t. Right-padding needs no extra mask: pads only follow real tokens."""
+    return jnp.tril(jnp.ones((t, t), bool))[None]
+
+
+def cache_mask(positions: jax.Array, s: int) -> jax.Array:
+    """[B, T, S]: query at position p sees cache slots s <= p (slots past a sequence's length are never seen)."""
+    return jnp.arange(s)[None, None, :] <= positions[:, :, None]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, K] into cache [B, S, K] at per-sequence offsets start [B]."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0))
+    return jax.vmap(one)(cache, new, start)
