@@ -7,6 +7,7 @@ weights (`*.weight_scale_inv`, 128x128 blocks, partial edge blocks) are dequanti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -66,46 +67,62 @@ _MLP = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weigh
 
 
 class _Reader:
-    """Reads tensors by name (dequantising FP8 ones), recording what was missing or unused."""
+    """Reads tensors by name (dequantising FP8 ones) into our layout, recording what is missing, misshapen or
+    unused, with the checkpoint's own tensor names in every message."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray]):
         self.tensors = tensors
         self.used: set[str] = set()
         self.missing: list[str] = []
+        self.misshapen: list[str] = []
 
-    def get(self, name: str) -> np.ndarray | None:
+    def get(self, name: str, info, fn: Callable | None = None) -> np.ndarray | None:
         if name not in self.tensors:
             self.missing.append(name)
             return None
         self.used.add(name)
-        a = self.tensors[name]
+        a = np.asarray(self.tensors[name])
         if name + "_scale_inv" in self.tensors:
             self.used.add(name + "_scale_inv")
-            a = dequant_fp8_blocks(np.asarray(a), np.asarray(self.tensors[name + "_scale_inv"]))
-        return np.asarray(a)
+            a = dequant_fp8_blocks(a, np.asarray(self.tensors[name + "_scale_inv"]))
+        raw_shape = a.shape
+        try:
+            a = fn(a) if fn else a
+        except ValueError:
+            a = None
+        if a is None or tuple(a.shape) != info.shape:
+            self.misshapen.append(f"{name} has shape {tuple(raw_shape)}, which does not give the config's "
+                                  f"{info.shape} [{', '.join(str(x) for x in info.logical_axes)}]")
+            return None
+        return a
 
 
-def _layer_arrays(r: _Reader, prefix: str, cfg: Config, moe: bool) -> dict:
-    out: dict = {"attn_norm": r.get(prefix + "input_layernorm.weight"),
-                 "ffn_norm": r.get(prefix + "post_attention_layernorm.weight"), "attn": {}}
+def _layer_arrays(r: _Reader, prefix: str, cfg: Config, info: Layer) -> dict:
+    out: dict = {"attn_norm": r.get(prefix + "input_layernorm.weight", info.attn_norm),
+                 "ffn_norm": r.get(prefix + "post_attention_layernorm.weight", info.ffn_norm), "attn": {}}
     for field, (suffix, fn) in _attention_map(cfg).items():
-        a = r.get(prefix + suffix)
-        out["attn"][field] = None if a is None else (fn(a) if fn else a)
-    if not moe:
-        out["ffn"] = {k: _opt_t(r.get(prefix + "mlp." + s)) for k, s in _MLP.items()}
+        out["attn"][field] = r.get(prefix + suffix, getattr(info.attn, field), fn)
+    f = info.ffn
+    if not isinstance(f, Moe):
+        out["ffn"] = {k: r.get(prefix + "mlp." + s, getattr(f, k), _t) for k, s in _MLP.items()}
         return out
-    ffn = {"w_router": _opt_t(r.get(prefix + "mlp.gate.weight")),
-           "e_bias": r.get(prefix + "mlp.gate.e_score_correction_bias"),
-           "shared": {k: _opt_t(r.get(prefix + "mlp.shared_experts." + s)) for k, s in _MLP.items()}}
+    ffn = {"w_router": r.get(prefix + "mlp.gate.weight", f.w_router, _t),
+           "e_bias": r.get(prefix + "mlp.gate.e_score_correction_bias", f.e_bias),
+           "shared": {k: r.get(prefix + "mlp.shared_experts." + s, getattr(f.shared, k), _t) for k, s in _MLP.items()}}
     for k, s in _MLP.items():
-        per = [_opt_t(r.get(f"{prefix}mlp.experts.{e}.{s}")) for e in range(cfg.n_routed_experts)]
+        one = _drop_lead(getattr(f, "we" + k[1]))
+        per = [r.get(f"{prefix}mlp.experts.{e}.{s}", one, _t) for e in range(cfg.n_routed_experts)]
         ffn["we" + k[1]] = None if any(p is None for p in per) else np.stack(per)
     out["ffn"] = ffn
     return out
 
 
-def _opt_t(a):
-    return None if a is None else a.T
+def _drop_lead(info):
+    return dataclasses.replace(info, shape=info.shape[1:], logical_axes=info.logical_axes[1:])
+
+
+def _unstack(tree):
+    return jax.tree.map(_drop_lead, tree, is_leaf=is_info)
 
 
 def _build_layer(d: dict, moe: bool) -> Layer:
@@ -127,33 +144,29 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], cfg: Config, *, with_
     every tensor the config has no place for.
     """
     r = _Reader(tensors)
+    infos = param_infos(cfg, with_mtp=with_mtp)
     n_dense = cfg.first_k_dense_replace
-    dense = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, False), False) for i in range(n_dense)]
-    moe = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, True), True)
+    dense = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, _unstack(infos.dense_layers)), False)
+             for i in range(n_dense)]
+    moe = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, _unstack(infos.moe_layers)), True)
            for i in range(n_dense, cfg.num_hidden_layers)]
     mtp = None
     if with_mtp:
-        pre = f"model.layers.{cfg.num_hidden_layers}."
-        mtp = Mtp(enorm=r.get(pre + "enorm.weight"), hnorm=r.get(pre + "hnorm.weight"),
-                  eh_proj=_opt_t(r.get(pre + "eh_proj.weight")),
-                  layer=_build_layer(_layer_arrays(r, pre, cfg, True), True),
-                  norm=r.get(pre + "shared_head.norm.weight"))
-    params = Params(embed=r.get("model.embed_tokens.weight"),
+        pre, m = f"model.layers.{cfg.num_hidden_layers}.", infos.mtp
+        mtp = Mtp(enorm=r.get(pre + "enorm.weight", m.enorm), hnorm=r.get(pre + "hnorm.weight", m.hnorm),
+                  eh_proj=r.get(pre + "eh_proj.weight", m.eh_proj, _t),
+                  layer=_build_layer(_layer_arrays(r, pre, cfg, m.layer), True),
+                  norm=r.get(pre + "shared_head.norm.weight", m.norm))
+    params = Params(embed=r.get("model.embed_tokens.weight", infos.embed),
                     dense_layers=_stack_layers(dense) if dense else None,
                     moe_layers=_stack_layers(moe) if moe else None,
-                    norm=r.get("model.norm.weight"), lm_head=_opt_t(r.get("lm_head.weight")), mtp=mtp)
+                    norm=r.get("model.norm.weight", infos.norm), lm_head=r.get("lm_head.weight", infos.lm_head, _t),
+                    mtp=mtp)
     problems = []
-    if r.missing:
-        problems.append(f"{len(r.missing)} missing tensor(s): " + ", ".join(r.missing[:10])
-                        + (" ..." if len(r.missing) > 10 else ""))
-    infos = param_infos(cfg, with_mtp=with_mtp)
-    flat_info = jax.tree_util.tree_flatten_with_path(infos, is_leaf=is_info)[0]
-    flat_arr = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
-    if not r.missing:
-        for (path, info), (_, arr) in zip(flat_info, flat_arr):
-            if arr is not None and tuple(arr.shape) != info.shape:
-                problems.append(f"{jax.tree_util.keystr(path)}: checkpoint gives shape {tuple(arr.shape)}, "
-                                f"the config needs {info.shape}")
+    for kind, items in (("missing", r.missing), ("misshapen", r.misshapen)):
+        if items:
+            problems.append(f"{len(items)} {kind} tensor(s): " + "; ".join(items[:10])
+                            + (" ..." if len(items) > 10 else ""))
     if strict:
         mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
         extra = sorted(k for k in tensors if k not in r.used and not (not with_mtp and k.startswith(mtp_prefix)))

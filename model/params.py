@@ -25,6 +25,9 @@ from model.config import Config
 Array = jax.Array
 
 
+_BATCH_AXES = ("layers", "experts")
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
     """Declaration of one parameter: shape, dtype, one logical axis name per dimension, and its initialiser."""
@@ -33,11 +36,17 @@ class ArrayInfo:
     dtype: Any
     logical_axes: tuple[str | None, ...]
     init: str = "normal"  # "normal" (std = initializer_range), "ones" or "zeros"
+    n_in: int = 1  # how many leading non-batch dims are the matmul input (fan-in); wo [N, V, D] has 2
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical_axes):
             raise ValueError(f"ArrayInfo: shape {self.shape} has {len(self.shape)} dims but logical axes "
                              f"{self.logical_axes} name {len(self.logical_axes)}")
+
+    @property
+    def fan_in(self) -> int:
+        dims = [n for n, a in zip(self.shape, self.logical_axes) if a not in _BATCH_AXES]
+        return math.prod(dims[:self.n_in])
 
     def stacked(self, n: int) -> ArrayInfo:
         return dataclasses.replace(self, shape=(n, *self.shape), logical_axes=("layers", *self.logical_axes))
@@ -118,7 +127,7 @@ def _attention_infos(cfg: Config) -> Attention:
         kv_norm=ArrayInfo((c,), dt, ("kv_lora",), "ones"),
         wk_b=ArrayInfo((c, n, h), dt, ("kv_lora", "heads", "qk_nope")),
         wv_b=ArrayInfo((c, n, v), dt, ("kv_lora", "heads", "v_head")),
-        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed")),
+        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), n_in=2),
     )
 
 
@@ -172,20 +181,26 @@ def param_infos(cfg: Config, *, with_mtp: bool | None = None) -> Params:
 
 # ---- init and abstract shapes -------------------------------------------------------------------------------------
 
-def _init_leaf(info: ArrayInfo, key, std: float):
+def _init_leaf(info: ArrayInfo, key, std: float | str):
     if info.init == "ones":
         return jnp.ones(info.shape, info.dtype)
     if info.init == "zeros":
         return jnp.zeros(info.shape, info.dtype)
-    return (std * jax.random.normal(key, info.shape, jnp.float32)).astype(info.dtype)
+    scale = info.fan_in ** -0.5 if std == "fan_in" else std
+    return (scale * jax.random.normal(key, info.shape, jnp.float32)).astype(info.dtype)
 
 
-def init(cfg: Config, key: Array, *, with_mtp: bool | None = None) -> Params:
-    """Random parameters: normal(0, initializer_range) matrices, unit norms, zero router bias."""
+def init(cfg: Config, key: Array, *, with_mtp: bool | None = None, std: float | str | None = None) -> Params:
+    """Random parameters: normal matrices, unit norms, zero router bias.
+
+    std: None for the config's initializer_range, a float, or "fan_in" for 1/sqrt(fan_in) (activations of order
+    one through every layer: what random-weight tests and benchmarks want).
+    """
     infos = param_infos(cfg, with_mtp=with_mtp)
     leaves, treedef = jax.tree.flatten(infos, is_leaf=is_info)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [_init_leaf(i, k, cfg.initializer_range) for i, k in zip(leaves, keys)])
+    std = cfg.initializer_range if std is None else std
+    return jax.tree.unflatten(treedef, [_init_leaf(i, k, std) for i, k in zip(leaves, keys)])
 
 
 def abstract_params(cfg: Config, *, with_mtp: bool | None = None) -> Params:

@@ -1,0 +1,31 @@
+"""Shared test helpers: random parameters at a scale where every term of the maths matters."""
+
+import jax
+import jax.numpy as jnp
+
+from model.params import init
+
+
+def random_params(cfg, seed: int = 0, with_mtp=None):
+    """fan-in scaled matrices; norm weights near 1 and a non-zero router bias, so neither is a silent no-op."""
+    p = init(cfg, jax.random.key(seed), std="fan_in", with_mtp=with_mtp)
+    key = jax.random.key(seed + 1000)
+
+    def jitter(path, x):
+        name = jax.tree_util.keystr(path)
+        k = jax.random.fold_in(key, hash(name) % (2**31))
+        if "norm" in name:
+            return (x + 0.2 * jax.random.normal(k, x.shape)).astype(x.dtype)
+        if "e_bias" in name:
+            return 0.1 * jax.random.normal(k, x.shape, x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(jitter, p)
+
+
+def fresh_jit_caches():
+    """Monkeypatched twins share static arguments with the real model: drop compiled functions around them."""
+    jax.clear_caches()
+
+
+__all__ = ["random_params", "fresh_jit_caches", "jnp"]

@@ -1,0 +1,97 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import TINY
+from model.moe import experts_dense_reference, experts_gather, experts_grouped, grouped_swiglu, moe, route
+from tests.helpers import random_params
+from tests.tolerances import OP_ATOL
+
+
+def numpy_route(x, w_router, bias, cfg, group_score="top2_sum", bias_in_weights=False):
+    """Plain numpy, one token at a time: DeepSeek's noaux_tc rule (SPEC.md, DeepSeekMoE)."""
+    s = 1 / (1 + np.exp(-(x.astype(np.float64) @ w_router.astype(np.float64))))
+    per_group = cfg.n_routed_experts // cfg.n_group
+    weights, ids = [], []
+    for t in range(x.shape[0]):
+        choice = s[t] + bias
+        groups = choice.reshape(cfg.n_group, per_group)
+        if group_score == "top2_sum":
+            gscore = np.sort(groups, axis=1)[:, -2:].sum(1)
+        else:
+            gscore = groups.max(1)
+        kept = np.argsort(-gscore, kind="stable")[:cfg.topk_group]
+        allowed = np.full(cfg.n_routed_experts, -np.inf)
+        for g in kept:
+            allowed[g * per_group:(g + 1) * per_group] = choice[g * per_group:(g + 1) * per_group]
+        top = np.argsort(-allowed, kind="stable")[:cfg.num_experts_per_tok]
+        w = (choice if bias_in_weights else s[t])[top]
+        w = w / w.sum() * cfg.routed_scaling_factor
+        order = np.argsort(top)
+        weights.append(w[order])
+        ids.append(top[order])
+    return np.array(weights), np.array(ids)
+
+
+def _sorted_by_id(w, idx):
+    w, idx = np.asarray(w), np.asarray(idx)
+    order = np.argsort(idx, axis=1)
+    return np.take_along_axis(w, order, 1), np.take_along_axis(idx, order, 1)
+
+
+@pytest.fixture(scope="module")
+def moe_params():
+    return jax.tree.map(lambda a: a[0], random_params(TINY, seed=3).moe_layers.ffn)
+
+
+def test_router_matches_numpy_reference(moe_params):
+    x = np.random.default_rng(0).standard_normal((64, TINY.hidden_size)).astype(np.float32)
+    w, idx = route(moe_params, jnp.asarray(x), TINY)
+    w, idx = _sorted_by_id(w, idx)
+    rw, ridx = numpy_route(x, np.asarray(moe_params.w_router), np.asarray(moe_params.e_bias, np.float64), TINY)
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_allclose(w, rw, atol=1e-6)
+    # every token's experts come from at most topk_group groups
+    groups = idx // (TINY.n_routed_experts // TINY.n_group)
+    assert max(len(set(g)) for g in groups) <= TINY.topk_group
+
+
+@pytest.mark.parametrize("twin", [dict(group_score="max"), dict(bias_in_weights=True)])
+def test_router_reference_twins_differ(moe_params, twin):
+    """The numpy reference is sensitive to the rule's details: a wrong group score or biased weights differ."""
+    x = np.random.default_rng(0).standard_normal((64, TINY.hidden_size)).astype(np.float32)
+    w, idx = _sorted_by_id(*route(moe_params, jnp.asarray(x), TINY))
+    rw, ridx = numpy_route(x, np.asarray(moe_params.w_router), np.asarray(moe_params.e_bias, np.float64), TINY,
+                           **twin)
+    assert not (np.array_equal(idx, ridx) and np.allclose(w, rw, atol=1e-6))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 37, 200])
+def test_gather_and_grouped_match_dense_reference(moe_params, tokens):
+    x = jnp.asarray(np.random.default_rng(tokens).standard_normal((tokens, TINY.hidden_size)), jnp.float32)
+    w, idx = route(moe_params, x, TINY)
+    ref = experts_dense_reference(moe_params, x, w, idx)
+    for fn in (experts_gather, experts_grouped):
+        np.testing.assert_allclose(fn(moe_params, x, w, idx), ref, atol=OP_ATOL["float32"], rtol=1e-5)
+
+
+def test_grouped_swiglu_handles_empty_and_ragged_groups(moe_params):
+    rng = np.random.default_rng(1)
+    sizes = np.array([0, 5, 0, 0, 17, 1, 0, 8, 0, 0, 0, 33, 0, 0, 2, 0])
+    x = jnp.asarray(rng.standard_normal((sizes.sum(), TINY.hidden_size)), jnp.float32)
+    p = moe_params
+    got = grouped_swiglu(x, p.we1, p.we3, p.we2, jnp.asarray(sizes), tile_m=8)
+    want, start = [], 0
+    for e, n in enumerate(sizes):
+        rows = x[start:start + n]
+        want.append((jax.nn.silu(rows @ p.we1[e]) * (rows @ p.we3[e])) @ p.we2[e])
+        start += n
+    np.testing.assert_allclose(got, jnp.concatenate(want), atol=OP_ATOL["float32"], rtol=1e-5)
+
+
+def test_moe_layer_impls_agree(moe_params):
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, TINY.hidden_size)), jnp.float32)
+    ref = moe(moe_params, x, TINY, impl="dense")
+    for impl in ("gather", "grouped", "auto"):
+        np.testing.assert_allclose(moe(moe_params, x, TINY, impl=impl), ref, atol=OP_ATOL["float32"], rtol=1e-5)
