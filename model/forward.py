@@ -20,11 +20,13 @@ from model.moe import moe
 from model.params import Layer, Moe, Params
 
 
-def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto"):
+def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
+          layer=None):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R].
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
     decode writes them at each sequence's position and attends in the absorbed form against the cache.
+    layer: for MoE layers run inside the scan, the layer index into whole [L, E, ...] expert stacks.
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
@@ -38,16 +40,28 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
     with jax.named_scope("ffn"):
-        f = moe(p.ffn, h, cfg, impl=moe_impl) if isinstance(p.ffn, Moe) else swiglu(p.ffn, h)
+        f = moe(p.ffn, h, cfg, impl=moe_impl, layer=layer) if isinstance(p.ffn, Moe) else swiglu(p.ffn, h)
     return x + f, cache_c, cache_r
 
 
 def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str):
-    def step(x, layer_and_cache):
-        layer, cc, cr = layer_and_cache
-        x, cc, cr = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl)
+    """lax.scan over a stack of layers. MoE expert stacks are not scanned but closed over whole and indexed by
+    layer (see moe._expert_view), so a step reads only the experts it routes to."""
+    experts = None
+    if isinstance(stack.ffn, Moe):
+        experts = (stack.ffn.we1, stack.ffn.we3, stack.ffn.we2)
+        stack = stack.replace(ffn=stack.ffn.replace(we1=None, we3=None, we2=None))
+
+    def step(x, xs):
+        layer, idx, cc, cr = xs
+        if experts is not None:
+            we1, we3, we2 = experts
+            layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
+        x, cc, cr = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
+                          layer=idx if experts is not None else None)
         return x, (cc, cr)
-    x, (cache_c, cache_r) = jax.lax.scan(step, x, (stack, cache_c, cache_r))
+    n = cache_c.shape[0]
+    x, (cache_c, cache_r) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r))
     return x, cache_c, cache_r
 
 

@@ -45,10 +45,9 @@ def _attention_map(cfg: Config) -> dict[str, tuple[str, Callable]]:
                      cfg.kv_lora_rank)
 
     def kv_b(part):
-        def f(a):  # [N*(H+V), C] -> [C, N, H] or [C, N, V]
+        def f(a):  # [N*(H+V), C] -> [N, H, C] or [N, C, V]
             a = a.reshape(n, h + v, c)
-            a = a[:, :h] if part == "k" else a[:, h:]
-            return a.transpose(2, 0, 1)
+            return a[:, :h] if part == "k" else a[:, h:].transpose(0, 2, 1)
         return f
 
     return {

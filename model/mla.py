@@ -51,8 +51,8 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale:
     Returns [B, T, D].
     """
     with jax.named_scope("attend_naive"):
-        k_nope = dot(c_kv, p.wk_b, "BSC,CNH->BSNH")  # [B, S, N, H]
-        v = dot(c_kv, p.wv_b, "BSC,CNV->BSNV")  # [B, S, N, V]
+        k_nope = dot(c_kv, p.wk_b, "BSC,NHC->BSNH")  # [B, S, N, H]
+        v = dot(c_kv, p.wv_b, "BSC,NCV->BSNV")  # [B, S, N, V]
         scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(v.dtype)  # [B, N, T, S]
@@ -67,12 +67,12 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
     scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
     """
     with jax.named_scope("attend_absorbed"):
-        q_lat = dot(q_nope, p.wk_b, "BTNH,CNH->BTNC")  # [B, T, N, C]
+        q_lat = dot(q_nope, p.wk_b, "BTNH,NHC->BTNC")  # [B, T, N, C]
         scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(cache_c.dtype)  # [B, N, T, S]
         o_lat = jnp.einsum("BNTS,BSC->BTNC", probs, cache_c, preferred_element_type=F32).astype(q_nope.dtype)
-        o = dot(o_lat, p.wv_b, "BTNC,CNV->BTNV")  # [B, T, N, V]
+        o = dot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
         return dot(o, p.wo, "BTNV,NVD->BTD")
 
 

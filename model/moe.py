@@ -42,20 +42,34 @@ def route(p: Moe, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
         return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
 
 
-def experts_dense_reference(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Array:
+def _expert_view(w: jax.Array, layer) -> tuple[jax.Array, jax.Array | int]:
+    """Expert weights as [E', ...] plus the id offset of this layer's experts.
+
+    Inside the scan over layers the expert stacks stay whole ([L, E, D, M], viewed as [L*E, D, M] for free) and
+    are indexed by (layer, expert): slicing out one layer's [E, D, M] first would make XLA copy every expert of
+    the layer when only a few are read.
+    """
+    if layer is None:
+        return w, 0
+    return w.reshape(-1, *w.shape[2:]), layer * w.shape[1]
+
+
+def experts_dense_reference(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
     """All experts for all tokens, combined with the routing weights (zeros elsewhere). x: [T, D] -> [T, D] f32."""
-    t, e = x.shape[0], p.we1.shape[0]
+    we1, we3, we2 = (a if layer is None else a[layer] for a in (p.we1, p.we3, p.we2))
+    t, e = x.shape[0], we1.shape[0]
     combine = jnp.zeros((t, e), F32).at[jnp.arange(t)[:, None], idx].add(w)  # [T, E]
-    gate = jnp.einsum("TD,EDM->TEM", x, p.we1, preferred_element_type=F32)
-    up = jnp.einsum("TD,EDM->TEM", x, p.we3, preferred_element_type=F32)
-    y = jnp.einsum("TEM,EMD->TED", (jax.nn.silu(gate) * up).astype(x.dtype), p.we2, preferred_element_type=F32)
+    gate = jnp.einsum("TD,EDM->TEM", x, we1, preferred_element_type=F32)
+    up = jnp.einsum("TD,EDM->TEM", x, we3, preferred_element_type=F32)
+    y = jnp.einsum("TEM,EMD->TED", (jax.nn.silu(gate) * up).astype(x.dtype), we2, preferred_element_type=F32)
     return jnp.einsum("TED,TE->TD", y, combine)
 
 
-def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Array:
+def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
     """Selected experts only, by gathering their weights: reads T*X experts. x: [T, D] -> [T, D] f32."""
     with jax.named_scope("experts_gather"):
-        w1, w3, w2 = (jnp.take(a, idx, axis=0) for a in (p.we1, p.we3, p.we2))  # [T, X, D, M], [T, X, M, D]
+        (we1, off), (we3, _), (we2, _) = (_expert_view(a, layer) for a in (p.we1, p.we3, p.we2))
+        w1, w3, w2 = (jnp.take(a, idx + off, axis=0) for a in (we1, we3, we2))  # [T, X, D, M], [T, X, M, D]
         gate = jnp.einsum("TD,TXDM->TXM", x, w1, preferred_element_type=F32)
         up = jnp.einsum("TD,TXDM->TXM", x, w3, preferred_element_type=F32)
         h = (jax.nn.silu(gate) * up).astype(x.dtype)
@@ -64,16 +78,18 @@ def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Ar
 
 
 def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, group_sizes: jax.Array,
-                   tile_m: int) -> jax.Array:
+                   tile_m: int, *, expert_offset=0, differentiable: bool = False) -> jax.Array:
     """SwiGLU expert MLPs over rows sorted by expert: rows [start_e, end_e) use expert e.
 
     Work items are (row tile, expert) pairs that overlap, computed up front (the tile-to-expert map a grouped
-    matmul kernel prefetches); items for empty groups do not exist, items past the last are skipped.
-    Args: x: [Mr, D] sorted rows; w1, w3: [E, D, M]; w2: [E, M, D]; group_sizes: [E] summing to Mr.
-    Returns [Mr, D] float32.
+    matmul kernel prefetches); items for empty groups do not exist. Inference runs exactly the items there are
+    (a while loop); `differentiable=True` runs a fixed-length loop that skips the rest, which reverse-mode
+    differentiation needs.
+    Args: x: [Mr, D] sorted rows; w1, w3: [E', D, M]; w2: [E', M, D], expert e at index expert_offset + e;
+      group_sizes: [E] summing to Mr. Returns [Mr, D] float32.
     """
     m, d = x.shape
-    n_exp = w1.shape[0]
+    n_exp = group_sizes.shape[0]
     n_tiles = -(-m // tile_m)
     x_pad = jnp.pad(x, ((0, n_tiles * tile_m - m), (0, 0)))
     ends = jnp.cumsum(group_sizes)
@@ -90,16 +106,19 @@ def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, gr
         rows = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile_m)  # [tile, D]
         rid = r0 + jnp.arange(tile_m)
         valid = (rid >= starts[e]) & (rid < ends[e])
-        gate = jnp.dot(rows, w1[e], preferred_element_type=F32)
-        up = jnp.dot(rows, w3[e], preferred_element_type=F32)
-        y = jnp.dot((jax.nn.silu(gate) * up).astype(x.dtype), w2[e], preferred_element_type=F32)
+        a, b, c = (jax.lax.dynamic_index_in_dim(w, expert_offset + e, keepdims=False) for w in (w1, w3, w2))
+        gate = jnp.dot(rows, a, preferred_element_type=F32)
+        up = jnp.dot(rows, b, preferred_element_type=F32)
+        y = jnp.dot((jax.nn.silu(gate) * up).astype(x.dtype), c, preferred_element_type=F32)
         cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(valid[:, None], y, 0.0), r0, 0)
 
-    def body(j, out):
-        return jax.lax.cond(j < total, run, lambda j, o: o, j, out)
-
-    out = jax.lax.fori_loop(0, n_tiles + n_exp - 1, body, jnp.zeros((n_tiles * tile_m, d), F32))
+    out = jnp.zeros((n_tiles * tile_m, d), F32)
+    if differentiable:
+        out = jax.lax.fori_loop(0, n_tiles + n_exp - 1,
+                                lambda j, o: jax.lax.cond(j < total, run, lambda j, o: o, j, o), out)
+    else:
+        out = jax.lax.while_loop(lambda s: s[0] < total, lambda s: (s[0] + 1, run(*s)), (jnp.int32(0), out))[1]
     return out[:m]
 
 
@@ -109,32 +128,37 @@ def _tile_rows(rows: int, n_exp: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
-def experts_grouped(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Array:
+def experts_grouped(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None, *,
+                    differentiable: bool = False) -> jax.Array:
     """Sort (token, expert) pairs by expert, grouped SwiGLU, weighted scatter-add back. x: [T, D] -> [T, D] f32."""
     with jax.named_scope("experts_grouped"):
         t, k = idx.shape
-        n_exp = p.we1.shape[0]
+        (we1, off), (we3, _), (we2, _) = (_expert_view(a, layer) for a in (p.we1, p.we3, p.we2))
+        n_exp = p.we1.shape[0 if layer is None else 1]
         flat = idx.reshape(-1)  # [T*X]
         order = jnp.argsort(flat, stable=True)
         token = order // k
         sizes = jnp.bincount(flat, length=n_exp)
-        ys = grouped_swiglu(x[token], p.we1, p.we3, p.we2, sizes, _tile_rows(t * k, n_exp))  # [T*X, D]
+        ys = grouped_swiglu(x[token], we1, we3, we2, sizes, _tile_rows(t * k, n_exp), expert_offset=off,
+                            differentiable=differentiable)  # [T*X, D]
         ys = ys * w.reshape(-1)[order][:, None]
         return jnp.zeros((t, x.shape[1]), F32).at[token].add(ys)
 
 
-def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto") -> jax.Array:
+def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None) -> jax.Array:
     """Routed experts + shared expert. x: [B, T, D] -> [B, T, D].
 
-    impl: "gather" (reads the T*X selected experts), "grouped" (sort + grouped matmul), "dense" (reference), or
-    "auto": gather when the token-expert pairs are fewer than half the experts (decode), else grouped.
+    impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
+    selected experts' weights), "dense" (reference), or "auto" = grouped, which measured faster than gather even
+    for a single token on CPU (see docs/benchmarks.md).
+    layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
     """
     b, t, d = x.shape
     x_td = x.reshape(b * t, d)
     w, idx = route(p, x_td, cfg)
     if impl == "auto":
-        impl = "gather" if b * t * cfg.num_experts_per_tok * 2 <= cfg.n_routed_experts else "grouped"
+        impl = "grouped"
     fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]
-    routed = fn(p, x_td, w, idx)
+    routed = fn(p, x_td, w, idx, layer)
     shared = swiglu(p.shared, x_td).astype(F32)
     return (routed + shared).astype(x.dtype).reshape(b, t, d)

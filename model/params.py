@@ -5,8 +5,8 @@ sharding rules and the checkpoint loaders all derive from it. Layers are stacked
 dense-first layers form one stack, the MoE layers another, and each stack runs under `jax.lax.scan`.
 
 Layouts (letters from `model/__init__.py`): linear weights are stored [in, out] so einsums read left to right;
-`wk_b`/`wv_b` are DeepSeek's `wkv_b` split per head into its key and value halves, which is what the absorbed
-decode form needs without a per-step slice.
+`wk_b` [N, H, C] / `wv_b` [N, C, V] are DeepSeek's `wkv_b` split per head into its key and value halves, heads
+leading, which is what the absorbed decode form needs without a per-step slice or transpose.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ArrayInfo:
     dtype: Any
     logical_axes: tuple[str | None, ...]
     init: str = "normal"  # "normal" (std = initializer_range), "ones" or "zeros"
-    n_in: int = 1  # how many leading non-batch dims are the matmul input (fan-in); wo [N, V, D] has 2
+    fan_in_axes: tuple[str, ...] | None = None  # the matmul's input axes; default: the first non-batch axis
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical_axes):
@@ -45,8 +45,9 @@ class ArrayInfo:
 
     @property
     def fan_in(self) -> int:
-        dims = [n for n, a in zip(self.shape, self.logical_axes) if a not in _BATCH_AXES]
-        return math.prod(dims[:self.n_in])
+        if self.fan_in_axes is not None:
+            return math.prod(n for n, a in zip(self.shape, self.logical_axes) if a in self.fan_in_axes)
+        return next(n for n, a in zip(self.shape, self.logical_axes) if a not in _BATCH_AXES)
 
     def stacked(self, n: int) -> ArrayInfo:
         return dataclasses.replace(self, shape=(n, *self.shape), logical_axes=("layers", *self.logical_axes))
@@ -63,8 +64,8 @@ class Attention:
     wq_b: Array  # [Q, N, H+R]
     wkv_a: Array  # [D, C+R]
     kv_norm: Array  # [C]
-    wk_b: Array  # [C, N, H]  key half of wkv_b (absorbed into the query at decode)
-    wv_b: Array  # [C, N, V]  value half of wkv_b (absorbed into the output at decode)
+    wk_b: Array  # [N, H, C]  key half of wkv_b (absorbed into the query at decode)
+    wv_b: Array  # [N, C, V]  value half of wkv_b (absorbed into the output at decode)
     wo: Array  # [N, V, D]
 
 
@@ -125,9 +126,10 @@ def _attention_infos(cfg: Config) -> Attention:
         wq_b=ArrayInfo((q, n, h + r), dt, ("q_lora", "heads", "qk_head")),
         wkv_a=ArrayInfo((d, c + r), dt, ("embed", "kv_lora_rope")),
         kv_norm=ArrayInfo((c,), dt, ("kv_lora",), "ones"),
-        wk_b=ArrayInfo((c, n, h), dt, ("kv_lora", "heads", "qk_nope")),
-        wv_b=ArrayInfo((c, n, v), dt, ("kv_lora", "heads", "v_head")),
-        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), n_in=2),
+        # heads lead in wk_b / wv_b: the absorbed einsums batch over heads, and XLA wants batch dims leading
+        wk_b=ArrayInfo((n, h, c), dt, ("heads", "qk_nope", "kv_lora"), fan_in_axes=("kv_lora",)),
+        wv_b=ArrayInfo((n, c, v), dt, ("heads", "kv_lora", "v_head"), fan_in_axes=("kv_lora",)),
+        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), fan_in_axes=("heads", "v_head")),
     )
 
 
