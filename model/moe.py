@@ -81,31 +81,30 @@ def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, gr
                    tile_m: int, *, expert_offset=0, differentiable: bool = False) -> jax.Array:
     """SwiGLU expert MLPs over rows sorted by expert: rows [start_e, end_e) use expert e.
 
-    Work items are (row tile, expert) pairs that overlap, computed up front (the tile-to-expert map a grouped
-    matmul kernel prefetches); items for empty groups do not exist. Inference runs exactly the items there are
-    (a while loop); `differentiable=True` runs a fixed-length loop that skips the rest, which reverse-mode
+    Work items are row tiles aligned to each expert's first row: expert e with s_e rows gets ceil(s_e / tile_m)
+    items, so at most one partial tile per non-empty expert and none for empty ones. The item-to-expert map is
+    computed up front (what a grouped-matmul kernel prefetches). Inference runs exactly the items there are (a
+    while loop); `differentiable=True` runs a fixed-length loop that skips the rest, which reverse-mode
     differentiation needs.
     Args: x: [Mr, D] sorted rows; w1, w3: [E', D, M]; w2: [E', M, D], expert e at index expert_offset + e;
       group_sizes: [E] summing to Mr. Returns [Mr, D] float32.
     """
     m, d = x.shape
     n_exp = group_sizes.shape[0]
-    n_tiles = -(-m // tile_m)
-    x_pad = jnp.pad(x, ((0, n_tiles * tile_m - m), (0, 0)))
+    max_items = -(-m // tile_m) + n_exp
+    x_pad = jnp.pad(x, ((0, tile_m), (0, 0)))  # a tile starting at any row stays in bounds
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
-    first = starts // tile_m
-    n_items = jnp.where(group_sizes > 0, (ends - 1) // tile_m - first + 1, 0)
+    n_items = -(-group_sizes // tile_m)
     item_end = jnp.cumsum(n_items)
     item_start = item_end - n_items
     total = item_end[-1]
 
     def run(j, out):
         e = jnp.minimum(jnp.searchsorted(item_end, j, side="right"), n_exp - 1)
-        r0 = (first[e] + j - item_start[e]) * tile_m
+        r0 = starts[e] + (j - item_start[e]) * tile_m
         rows = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile_m)  # [tile, D]
-        rid = r0 + jnp.arange(tile_m)
-        valid = (rid >= starts[e]) & (rid < ends[e])
+        valid = r0 + jnp.arange(tile_m) < ends[e]
         a, b, c = (jax.lax.dynamic_index_in_dim(w, expert_offset + e, keepdims=False) for w in (w1, w3, w2))
         gate = jnp.dot(rows, a, preferred_element_type=F32)
         up = jnp.dot(rows, b, preferred_element_type=F32)
@@ -113,9 +112,9 @@ def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, gr
         cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(valid[:, None], y, 0.0), r0, 0)
 
-    out = jnp.zeros((n_tiles * tile_m, d), F32)
+    out = jnp.zeros((m + tile_m, d), F32)
     if differentiable:
-        out = jax.lax.fori_loop(0, n_tiles + n_exp - 1,
+        out = jax.lax.fori_loop(0, max_items,
                                 lambda j, o: jax.lax.cond(j < total, run, lambda j, o: o, j, o), out)
     else:
         out = jax.lax.while_loop(lambda s: s[0] < total, lambda s: (s[0] + 1, run(*s)), (jnp.int32(0), out))[1]
