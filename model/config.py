@@ -204,7 +204,19 @@ TINY = Config(
     max_position_embeddings=512, dtype="float32",
 )
 
-PRESETS = {"r1_671b": R1_671B, "671b": R1_671B, "small": SMALL, "tiny": TINY}
+# The model trained here and bundled as the default checkpoint (scripts/train.py): byte-level vocabulary (256 bytes
+# + specials, padded to 512), 16 experts in 4 groups, a dense first layer, a shared expert, YaRN on, MTP depth 1.
+BUNDLED = Config(
+    vocab_size=512, hidden_size=192, intermediate_size=512, moe_intermediate_size=96,
+    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=4, n_group=4, topk_group=2,
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=256),
+    max_position_embeddings=1024, num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257,
+    dtype="float32",
+)
+
+PRESETS = {"r1_671b": R1_671B, "671b": R1_671B, "small": SMALL, "tiny": TINY, "bundled": BUNDLED}
 
 
 def get_preset(name: str) -> Config:

@@ -16,22 +16,25 @@ from model.cache import Cache
 from model.config import Config
 from model.layers import F32, rms_norm, swiglu
 from model.mla import attend_absorbed, attend_naive, cache_mask, causal_mask, project, write_cache
-from model.moe import moe
+from model.moe import moe, moe_train
 from model.params import Layer, Moe, Params
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
-          layer=None):
-    """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R].
+          layer=None, train: bool = False, mesh=None):
+    """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
-    decode writes them at each sequence's position and attends in the absorbed form against the cache.
-    layer: for MoE layers run inside the scan, the layer index into whole [L, E, ...] expert stacks.
+    decode writes them at each sequence's position and attends in the absorbed form against the cache. Without
+    a cache (training) nothing is written. layer: for MoE layers inside the scan, the layer index into whole
+    [L, E, ...] expert stacks. train: differentiable experts, and the MoE's (load, balance) stats are returned.
+    Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
-    start = positions[:, 0]
-    cache_c, cache_r = write_cache(cache_c, c_kv, start), write_cache(cache_r, k_pe, start)
+    if cache_c is not None:
+        start = positions[:, 0]
+        cache_c, cache_r = write_cache(cache_c, c_kv, start), write_cache(cache_r, k_pe, start)
     if decode:
         mask = cache_mask(positions, cache_c.shape[1])
         a = attend_absorbed(p.attn, q_nope, q_pe, cache_c, cache_r, mask, cfg.softmax_scale)
@@ -39,12 +42,19 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
         a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale)
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
+    stats = None
     with jax.named_scope("ffn"):
-        f = moe(p.ffn, h, cfg, impl=moe_impl, layer=layer) if isinstance(p.ffn, Moe) else swiglu(p.ffn, h)
-    return x + f, cache_c, cache_r
+        if not isinstance(p.ffn, Moe):
+            f = swiglu(p.ffn, h)
+        elif train:
+            f, stats = moe_train(p.ffn, h, cfg, layer=layer)
+        else:
+            f = moe(p.ffn, h, cfg, impl=moe_impl, layer=layer, mesh=mesh)
+    return x + f, cache_c, cache_r, stats
 
 
-def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str):
+def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str,
+               train: bool = False, mesh=None):
     """lax.scan over a stack of layers. MoE expert stacks are not scanned but closed over whole and indexed by
     layer (see moe._expert_view), so a step reads only the experts it routes to."""
     experts = None
@@ -57,29 +67,41 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
         if experts is not None:
             we1, we3, we2 = experts
             layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
-        x, cc, cr = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
-                          layer=idx if experts is not None else None)
-        return x, (cc, cr)
-    n = cache_c.shape[0]
-    x, (cache_c, cache_r) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r))
-    return x, cache_c, cache_r
+        x, cc, cr, stats = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
+                                 layer=idx if experts is not None else None, train=train, mesh=mesh)
+        return x, (cc, cr, stats)
+    n = stack.attn_norm.shape[0]
+    x, (cache_c, cache_r, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r))
+    return x, cache_c, cache_r, stats
 
 
-def forward(params: Params, cache: Cache, tokens, positions, cfg: Config, *, decode: bool,
-            moe_impl: str = "auto"):
-    """Embed, all layers, final norm. tokens/positions: [B, T]. Returns (hidden [B, T, D] after the final
-    RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R])."""
+def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config, *, decode: bool,
+            moe_impl: str = "auto", train: bool = False, mesh=None):
+    """Embed, all layers, final norm. tokens/positions: [B, T].
+
+    Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R]); with
+    train=True (no cache) returns (hidden, (load [Lm, E], balance [Lm])) instead.
+    """
     x = params.embed[tokens]  # [B, T, D]
     n_dense = cfg.first_k_dense_replace
-    c_kv, k_pe = cache.c_kv, cache.k_pe
+    c_kv, k_pe = (cache.c_kv, cache.k_pe) if cache is not None else (None, None)
+    stats = None
     for stack, lo, hi in ((params.dense_layers, 0, n_dense), (params.moe_layers, n_dense, cfg.num_hidden_layers)):
         if stack is None:
             continue
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
-            x, cc, cr = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl)
+            if cache is None:
+                x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train)
+                stats = st if st is not None else stats
+                continue
+            x, cc, cr, _ = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl,
+                                      mesh=mesh)
         # written back into the full buffers (in place when the cache is donated)
         c_kv, k_pe = c_kv.at[lo:hi].set(cc), k_pe.at[lo:hi].set(cr)
-    return rms_norm(x, params.norm, cfg.rms_norm_eps), c_kv, k_pe
+    hidden = rms_norm(x, params.norm, cfg.rms_norm_eps)
+    if cache is None:
+        return hidden, stats
+    return hidden, c_kv, k_pe
 
 
 def lm_logits(params: Params, hidden) -> jax.Array:
@@ -87,11 +109,11 @@ def lm_logits(params: Params, hidden) -> jax.Array:
     return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=F32)
 
 
-def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto"):
+def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto", mesh=None):
     """Unjitted prefill (see `prefill`)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl)
+    hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl, mesh=mesh)
     new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32))
     if all_logits:
         return lm_logits(params, hidden), new_cache
@@ -99,15 +121,16 @@ def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="
     return lm_logits(params, last), new_cache
 
 
-def decode_fn(params, cache, tokens, cfg, moe_impl="auto"):
+def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None):
     """Unjitted decode step (see `decode_step`)."""
     positions = cache.lengths[:, None]  # [B, 1]
-    hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl)
+    hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl,
+                                 mesh=mesh)
     return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1)
 
 
-_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl"), donate_argnames=("cache",))
-_decode = jax.jit(decode_fn, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl", "mesh"), donate_argnames=("cache",))
+_decode = jax.jit(decode_fn, static_argnames=("cfg", "moe_impl", "mesh"), donate_argnames=("cache",))
 
 
 def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
@@ -121,7 +144,7 @@ def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
 
 
 def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_logits: bool = False,
-            moe_impl: str = "auto"):
+            moe_impl: str = "auto", mesh=None):
     """Run right-padded prompts through the model and fill the (empty) cache.
 
     Args: tokens: [B, T] int, prompt b in tokens[b, :lengths[b]] (the rest is padding, any valid id);
@@ -142,11 +165,15 @@ def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_l
         raise ValueError(f"lengths {lens.tolist()} exceed the padded prompt length T={tok.shape[1]}")
     if tok.shape[1] > cache.max_len:
         raise ValueError(f"prompt of {tok.shape[1]} tokens is longer than the cache ({cache.max_len} tokens)")
+    if mesh is not None:
+        from sharding.rules import check_divisible
+        check_divisible(cfg, mesh, batch=tok.shape[0])
     return _prefill(params, cache, jnp.asarray(tok, jnp.int32), jnp.asarray(lens, jnp.int32), cfg=cfg,
-                    all_logits=all_logits, moe_impl=moe_impl)
+                    all_logits=all_logits, moe_impl=moe_impl, mesh=mesh)
 
 
-def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, moe_impl: str = "auto", check: bool = True):
+def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, moe_impl: str = "auto", check: bool = True,
+                mesh=None):
     """One token per sequence through the absorbed-attention path. tokens: [B]. The cache is donated.
 
     Returns logits [B, V] float32 and the cache with each length advanced by one. With check=True the token ids
@@ -158,4 +185,4 @@ def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, moe_impl: 
             raise ValueError(f"tokens must be [B]={cache.batch}, got shape {tok.shape}")
         if int(np.max(np.asarray(cache.lengths))) >= cache.max_len:
             raise ValueError(f"the cache is full ({cache.max_len} tokens); allocate a longer one")
-    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, moe_impl=moe_impl)
+    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, moe_impl=moe_impl, mesh=mesh)

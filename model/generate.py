@@ -36,10 +36,10 @@ class GenerateOutput:
         return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len"))
-def _generate_loop(params, tokens, lengths, stop_ids, request_ids, cfg, sp, max_new_tokens, max_len):
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh"))
+def _generate_loop(params, tokens, lengths, stop_ids, request_ids, cfg, sp, max_new_tokens, max_len, mesh=None):
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, tokens.shape[0], max_len))
-    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg)
+    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh)
     b = tokens.shape[0]
     first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
@@ -52,7 +52,7 @@ def _generate_loop(params, tokens, lengths, stop_ids, request_ids, cfg, sp, max_
 
     def body(state):
         step, cache, last, out, done, n_gen = state
-        logits, cache = decode_fn(params, cache, last, cfg)
+        logits, cache = decode_fn(params, cache, last, cfg, mesh=mesh)
         nxt = sample(logits, step_keys(sp.seed, request_ids, step), sp)
         nxt = jnp.where(done, PAD, nxt)
         out = out.at[:, step].set(nxt)
@@ -77,12 +77,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
 
 def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-             max_len: int | None = None, request_ids: Sequence[int] | None = None) -> GenerateOutput:
+             max_len: int | None = None, request_ids: Sequence[int] | None = None, mesh=None) -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
       last generated token); max_len: cache length (default: longest prompt + max_new_tokens, padded);
-      request_ids: per-sequence ids for the sampling keys (default 0..B-1).
+      request_ids: per-sequence ids for the sampling keys (default 0..B-1); mesh: run sharded on this mesh
+      (parameters placed with sharding.shard_params; experts run expert-parallel).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -103,13 +104,16 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
                          f"{cfg.max_position_embeddings})")
     tokens = tokens[:, :max_len]
     b = len(prompts)
+    if mesh is not None:
+        from sharding.rules import check_divisible
+        check_divisible(cfg, mesh, batch=b)
     if max_new_tokens == 0:
         return GenerateOutput(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), np.zeros(b, bool))
     rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
     stop_arr = jnp.asarray(stop if stop.size else np.array([PAD]), jnp.int32)
     out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
                                 jnp.asarray(rid, jnp.int32), cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
-                                max_len=max_len)
+                                max_len=max_len, mesh=mesh)
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)

@@ -17,20 +17,20 @@ from model.layers import F32, swiglu
 from model.params import Moe
 
 
-def route(p: Moe, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+def route(p: Moe, x: jax.Array, cfg: Config, *, return_scores: bool = False):
     """Group-limited top-k routing, in float32.
 
     s = sigmoid(x W_g); selection ranks s + e_bias: groups by the sum of their top-2, keep `topk_group` groups,
     then the top `num_experts_per_tok` experts among them. Weights use s itself, normalised over the selected
     experts and scaled by `routed_scaling_factor`.
 
-    Args: x: [T, D]. Returns: weights [T, X] float32, expert ids [T, X] int32.
+    Args: x: [T, D]. Returns: weights [T, X] float32, expert ids [T, X] int32 (and the scores [T, E]).
     """
     with jax.named_scope("router"):
         t, e, g = x.shape[0], cfg.n_routed_experts, cfg.n_group
         logits = jnp.einsum("TD,DE->TE", x.astype(F32), p.w_router.astype(F32), preferred_element_type=F32)
         scores = jax.nn.sigmoid(logits)  # [T, E]
-        choice = scores + p.e_bias.astype(F32)  # [T, E] selection only
+        choice = scores + jax.lax.stop_gradient(p.e_bias).astype(F32)  # [T, E] selection only
         group_scores = jax.lax.top_k(choice.reshape(t, g, e // g), 2)[0].sum(-1)  # [T, G]
         _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
         keep_group = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], top_groups].set(True)
@@ -39,7 +39,8 @@ def route(p: Moe, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
         w = jnp.take_along_axis(scores, idx, axis=1)
         if cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdims=True) + 1e-20)
-        return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+        w = w * cfg.routed_scaling_factor
+        return (w, idx.astype(jnp.int32), scores) if return_scores else (w, idx.astype(jnp.int32))
 
 
 def _expert_view(w: jax.Array, layer) -> tuple[jax.Array, jax.Array | int]:
@@ -144,20 +145,52 @@ def experts_grouped(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=No
         return jnp.zeros((t, x.shape[1]), F32).at[token].add(ys)
 
 
-def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None) -> jax.Array:
+def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, mesh=None) -> jax.Array:
     """Routed experts + shared expert. x: [B, T, D] -> [B, T, D].
 
     impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
     selected experts' weights), "dense" (reference), or "auto" = grouped, which measured faster than gather even
     for a single token on CPU (see docs/benchmarks.md).
     layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
+    mesh: with an expert or tensor axis larger than 1, the routed experts run expert-parallel (sharding/ep.py).
     """
     b, t, d = x.shape
     x_td = x.reshape(b * t, d)
     w, idx = route(p, x_td, cfg)
-    if impl == "auto":
-        impl = "grouped"
-    fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]
-    routed = fn(p, x_td, w, idx, layer)
+    if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
+        from sharding.ep import experts_ep
+        routed = experts_ep(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
+    else:
+        impl = "grouped" if impl == "auto" else impl
+        fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]
+        routed = fn(p, x_td, w, idx, layer)
     shared = swiglu(p.shared, x_td).astype(F32)
     return (routed + shared).astype(x.dtype).reshape(b, t, d)
+
+
+def balance_stats(scores: jax.Array, idx: jax.Array, b: int, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """Expert load and DeepSeek-V3's sequence-wise balance loss term (before its alpha).
+
+    scores: [B*T, E] sigmoid scores; idx: [B*T, X]. Per sequence, f_i = E / (X T) * #tokens routed to i and
+    P_i = mean_t s_i / sum_j s_j; the term is mean over sequences of sum_i f_i P_i (1 when balanced).
+    Returns load [E] (token count per expert, all sequences) and the term (scalar).
+    """
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    onehot = jax.nn.one_hot(idx, e, dtype=F32).sum(1).reshape(b, -1, e)  # [B, T, E]
+    t = onehot.shape[1]
+    f = onehot.sum(1) * e / (k * t)  # [B, E]
+    p = (scores / scores.sum(-1, keepdims=True)).reshape(b, t, e).mean(1)  # [B, E]
+    return onehot.sum((0, 1)), jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, -1))
+
+
+def moe_train(p: Moe, x: jax.Array, cfg: Config, *, layer=None, impl: str = "dense"):
+    """moe() for training: differentiable experts, plus (load [E], balance term) for load balancing."""
+    b, t, d = x.shape
+    x_td = x.reshape(b * t, d)
+    w, idx, scores = route(p, x_td, cfg, return_scores=True)
+    if impl == "grouped":
+        routed = experts_grouped(p, x_td, w, idx, layer, differentiable=True)
+    else:
+        routed = experts_dense_reference(p, x_td, w, idx, layer)
+    shared = swiglu(p.shared, x_td).astype(F32)
+    return (routed + shared).astype(x.dtype).reshape(b, t, d), balance_stats(scores, idx, b, cfg)

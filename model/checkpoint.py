@@ -1,0 +1,135 @@
+"""Checkpoints of this project: orbax-checkpoint arrays plus a JSON sidecar (config, tokenizer, training
+metadata) and a manifest of SHA-256 hashes, verified on load.
+
+Layout: DIR/params/ (orbax), DIR/meta.json, DIR/manifest.json. Saving writes to DIR.tmp-* and renames, so an
+existing checkpoint is never half-overwritten; an existing DIR is refused unless overwrite=True. Loading checks,
+in order: the directory, the sidecar, the hashes, then every tensor's shape and dtype against the config, each
+with a message that names the problem, before any array is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import Config
+from model.hf_checkpoint import CheckpointError
+from model.params import Params, abstract_params
+
+FORMAT = 1
+
+
+def _hash_files(root: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != "manifest.json":
+            out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def save_checkpoint(path: str | Path, params: Params, cfg: Config, *, tokenizer: dict | None = None,
+                    training: dict | None = None, overwrite: bool = False) -> Path:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    tmp = path.parent / f"{path.name}.tmp-{time.time_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+        meta = {"format": FORMAT, "config": cfg.to_dict(), "tokenizer": tokenizer, "training": training,
+                "with_mtp": params.mtp is not None}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(_hash_files(tmp), indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint of this project: meta.json is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file} is corrupted: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def verify_manifest(path: Path) -> None:
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path}: manifest.json is missing (incomplete or foreign checkpoint)")
+    want = json.loads(manifest_file.read_text())
+    have = _hash_files(path)
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing file(s): {', '.join(missing[:5])}")
+    bad = sorted(k for k in want if have[k] != want[k])
+    if bad:
+        raise CheckpointError(f"{path}: corrupted checkpoint, hash mismatch in {', '.join(bad[:5])}")
+
+
+def _check_shapes(path: Path, target: Params) -> None:
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path / "params")
+    except Exception as e:  # orbax raises many kinds; we say which file and why
+        raise CheckpointError(f"{path / 'params'}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from None
+    saved = getattr(meta, "item_metadata", meta)
+    saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        saved, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    problems = []
+    for k, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = jax.tree_util.keystr(k)
+        got = saved_flat.get(name)
+        if got is None:
+            problems.append(f"{name} missing")
+        elif tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+            problems.append(f"{name}: saved {tuple(got.shape)} {np.dtype(got.dtype)}, the config needs "
+                            f"{tuple(want.shape)} {np.dtype(want.dtype)}")
+    extra = sorted(set(saved_flat) - {jax.tree_util.keystr(k) for k, _ in
+                                      jax.tree_util.tree_flatten_with_path(target)[0]})
+    if extra:
+        problems.append(f"unexpected tensors {', '.join(extra[:5])}")
+    if problems:
+        raise CheckpointError(f"{path}: the tensors do not fit the config in meta.json: " + "; ".join(problems[:8]))
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, Config, dict]:
+    """Returns (params, config, meta). Raises CheckpointError with a specific message on any mismatch."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        cfg = Config.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/meta.json: invalid config ({e})") from None
+    if verify:
+        verify_manifest(path)
+    target = abstract_params(cfg, with_mtp=meta.get("with_mtp", False))
+    _check_shapes(path, target)
+    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    return jax.tree.map(jnp.asarray, params), cfg, meta

@@ -1,0 +1,127 @@
+"""Command-line entry points: `r1jax-generate` (scripts/generate.py) and `r1jax-evaluate` (scripts/evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
+DEFAULT_PROMPT = "Return the number of"
+
+
+def load_any(path: str | Path):
+    """(params, cfg, tokenizer) from a checkpoint of this project (meta.json) or an HF-layout directory."""
+    from model.checkpoint import load_checkpoint
+    from model.hf_checkpoint import CheckpointError, load_hf_checkpoint
+    from model.tokenizer import ByteTokenizer, tokenizer_from_description
+
+    path = Path(path)
+    if (path / "meta.json").exists() or not (path / "config.json").exists():
+        if not path.exists():
+            raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+        params, cfg, meta = load_checkpoint(path)
+        return params, cfg, tokenizer_from_description(meta["tokenizer"])
+    params, cfg = load_hf_checkpoint(path)
+    return params, cfg, ByteTokenizer(cfg.vocab_size)
+
+
+def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token):
+    """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
+
+    Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
+    """
+    from model.cache import init_cache
+    from model.forward import _decode, _prefill
+    from model.sampling import sample, step_keys
+
+    max_len = min(-(-(len(prompt_ids) + max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
+    tokens = jnp.asarray([prompt_ids], jnp.int32)
+    lengths = jnp.asarray([len(prompt_ids)], jnp.int32)
+    sample_fn = jax.jit(lambda logits, step: sample(logits, step_keys(sampling.seed, jnp.zeros(1, jnp.int32), step),
+                                                     sampling))
+    ids: list[int] = []
+    t0 = time.perf_counter()
+    logits, cache = _prefill(params, init_cache(cfg, 1, max_len), tokens, lengths, cfg=cfg)
+    tok = sample_fn(logits, 0)
+    first = int(tok[0])
+    t_first = time.perf_counter() - t0
+    ids.append(first)
+    on_token(first)
+    t1 = time.perf_counter()
+    step = 1
+    while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
+        logits, cache = _decode(params, cache, tok, cfg=cfg)
+        tok = sample_fn(logits, step)
+        ids.append(int(tok[0]))
+        on_token(ids[-1])
+        step += 1
+    return ids, t_first, time.perf_counter() - t1
+
+
+def generate_main(argv=None):
+    from model.forward import check_tokens
+    from model.sampling import SamplingParams
+
+    ap = argparse.ArgumentParser(prog="r1jax-generate", description="Generate text, streamed as it is produced.")
+    ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
+                    help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 0:
+        ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params, cfg, tok = load_any(args.checkpoint)
+    prompt_ids = tok.encode(args.prompt, add_bos=True)
+    check_tokens(cfg, prompt_ids, "prompt token ids")
+    if len(prompt_ids) + args.max_new_tokens > cfg.max_position_embeddings:
+        ap.error(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                 f"{cfg.max_position_embeddings} positions")
+    if args.max_new_tokens == 0:
+        print(args.prompt)
+        return
+    # compile once with the real shapes so the timings below are of generation alone
+    t0 = time.perf_counter()
+    stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None)
+    compile_s = time.perf_counter() - t0
+    decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
+    print(args.prompt, end="", flush=True)
+
+    def show(i):
+        if i != tok.eos_id:
+            print(decode(i), end="", flush=True)
+    ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
+                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show)
+    rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
+    print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
+          f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
+
+
+def evaluate_main(argv=None):
+    import json
+
+    from model.evaluate import evaluate, format_table
+
+    ap = argparse.ArgumentParser(prog="r1jax-evaluate", description="Held-out bits per byte and arithmetic "
+                                 "exact match.")
+    ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT))
+    ap.add_argument("--problems", type=int, default=200, help="held-out problems per kind")
+    ap.add_argument("--text-bytes", type=int, default=60000, help="held-out text bytes scored")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    params, cfg, tok = load_any(args.checkpoint)
+    res = evaluate(params, cfg, tok, n_problems=args.problems, text_bytes=args.text_bytes)
+    print(format_table(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

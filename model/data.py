@@ -1,0 +1,156 @@
+"""Offline training and evaluation data: real English from the Python standard library's docstrings (PSF
+licence, ships with every Python) and generated arithmetic word problems with worked answers.
+
+Held-out splits are decided by a hash of the source module (text) or of the problem (arithmetic), so they never
+appear in training, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from model.tokenizer import ByteTokenizer
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 40:
+                out.append(doc.strip())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCorpus:
+    train: str
+    heldout: str
+    sha256: str
+    source: str
+
+
+def stdlib_corpus(heldout_every: int = 20) -> TextCorpus:
+    """Docstrings of the standard library's .py files (tests and tool folders excluded), sorted by path.
+
+    A module goes to the held-out split when crc32(relative path) % heldout_every == 0 (about 5%).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, held = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if _SKIP_DIRS & set(rel.split("/")[:-1]):
+            continue
+        docs = _docstrings(path)
+        if docs:
+            (held if zlib.crc32(rel.encode()) % heldout_every == 0 else train).append("\n\n".join(docs))
+    train_s, held_s = "\n\n".join(train), "\n\n".join(held)
+    digest = hashlib.sha256((train_s + "\0" + held_s).encode()).hexdigest()
+    return TextCorpus(train_s, held_s, digest, f"docstrings of {root} (Python standard library, PSF licence)")
+
+
+# ---- arithmetic word problems -------------------------------------------------------------------------------------
+
+NAMES = ("Ann", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon")
+ITEMS = ("apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards")
+KINDS = ("add2", "sub2", "add3", "mul")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: str
+    a: int
+    b: int
+    name: str
+    item: str
+
+    @property
+    def answer(self) -> int:
+        return {"add2": self.a + self.b, "add3": self.a + self.b, "sub2": self.a - self.b,
+                "mul": self.a * self.b}[self.kind]
+
+    @property
+    def question(self) -> str:
+        n, it = self.name, self.item
+        if self.kind in ("add2", "add3"):
+            return f"{n} has {self.a} {it} and gets {self.b} more. How many {it} does {n} have now?"
+        if self.kind == "sub2":
+            return f"{n} has {self.a} {it} and gives away {self.b}. How many {it} does {n} have left?"
+        return f"{n} has {self.a} boxes with {self.b} {it} each. How many {it} does {n} have?"
+
+    @property
+    def worked(self) -> str:
+        op = {"add2": "+", "add3": "+", "sub2": "-", "mul": "*"}[self.kind]
+        return f"{self.a} {op} {self.b} = {self.answer}"
+
+    def prompt(self) -> str:
+        return f"{self.question}\nAnswer:"
+
+    def text(self) -> str:
+        return f"{self.prompt()} {self.worked}\n"
+
+    @property
+    def heldout(self) -> bool:
+        return zlib.crc32(f"{self.kind}:{self.a}:{self.b}".encode()) % 10 == 0
+
+
+def random_problem(rng: np.random.Generator, kind: str) -> Problem:
+    if kind == "add2":
+        a, b = rng.integers(10, 100, 2)
+    elif kind == "sub2":
+        a, b = sorted(rng.integers(10, 100, 2), reverse=True)
+    elif kind == "add3":
+        a, b = rng.integers(100, 1000, 2)
+    else:
+        a, b = rng.integers(2, 10), rng.integers(10, 100)
+    return Problem(kind, int(a), int(b), NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))])
+
+
+def problems(rng: np.random.Generator, n: int, *, heldout: bool, kinds=KINDS) -> list[Problem]:
+    """n problems from the training (heldout=False) or held-out split."""
+    out = []
+    while len(out) < n:
+        p = random_problem(rng, kinds[rng.integers(len(kinds))])
+        if p.heldout == heldout:
+            out.append(p)
+    return out
+
+
+# ---- training batches ---------------------------------------------------------------------------------------------
+
+class Batcher:
+    """Sequences of seq_len + 1 tokens, each starting with <bos>: a text window (probability text_frac) or
+    arithmetic problems back to back. Deterministic given the seed."""
+
+    def __init__(self, corpus: TextCorpus, tok: ByteTokenizer, seq_len: int, batch: int, seed: int,
+                 text_frac: float = 0.5):
+        self.text = np.frombuffer(corpus.train.encode("utf-8"), np.uint8)
+        self.tok, self.seq_len, self.batch, self.text_frac = tok, seq_len, batch, text_frac
+        self.rng = np.random.default_rng(seed)
+
+    def _arith(self) -> list[int]:
+        ids = [self.tok.bos_id]
+        while len(ids) < self.seq_len + 1:
+            ids += self.tok.encode(problems(self.rng, 1, heldout=False)[0].text())
+        return ids[:self.seq_len + 1]
+
+    def _text(self) -> list[int]:
+        start = int(self.rng.integers(0, len(self.text) - self.seq_len))
+        return [self.tok.bos_id, *self.text[start:start + self.seq_len].tolist()]
+
+    def next(self) -> np.ndarray:
+        rows = [self._text() if self.rng.random() < self.text_frac else self._arith() for _ in range(self.batch)]
+        return np.array(rows, np.int32)

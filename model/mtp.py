@@ -1,0 +1,36 @@
+"""Multi-token prediction (depth 1): from the main model's final-normed hidden state h_i and the embedding of
+token t_{i+1}, one extra decoder layer predicts t_{i+2}:
+
+    h' = eh_proj [enorm(Emb(t_{i+1})) ; hnorm(h_i)]   (embedding first, as the released weights and engines do)
+    logits = lm_head(norm(Block(h')))                    (Block at RoPE position i+1; embedding and head shared)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from model.config import Config
+from model.forward import block, lm_logits
+from model.layers import dot, rms_norm
+from model.params import Params
+
+
+def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config, *, train: bool = False):
+    """hidden: [B, T, D] main-model final-normed states at positions 0..T-1; next_tokens: [B, T] = t_{i+1}.
+
+    Returns the MTP's normed hidden states [B, T, D] (position i predicts t_{i+2}) and, with train=True, the MTP
+    layer's (load, balance) stats.
+    """
+    m = params.mtp
+    e = rms_norm(params.embed[next_tokens], m.enorm, cfg.rms_norm_eps)
+    h = rms_norm(hidden, m.hnorm, cfg.rms_norm_eps)
+    x = dot(jnp.concatenate([e, h], axis=-1), m.eh_proj, "BTK,KD->BTD")  # [B, T, D]
+    b, t = next_tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32), (b, t))
+    x, _, _, stats = block(m.layer, x, positions, None, None, cfg, decode=False, train=train)
+    return rms_norm(x, m.norm, cfg.rms_norm_eps), stats
+
+
+def mtp_logits(params: Params, hidden, next_tokens, cfg: Config) -> jax.Array:
+    return lm_logits(params, mtp_hidden(params, hidden, next_tokens, cfg)[0])

@@ -1,0 +1,109 @@
+"""Training: next-token loss + MTP loss + DeepSeek-V3's sequence-wise balance loss, AdamW with warm-up and
+cosine decay and gradient clipping, and the auxiliary-loss-free router bias update after each step.
+
+The router bias (`e_bias`) is not trained by gradient: after each step b_i -= gamma * sign(load_i - mean load)
+per layer, so overloaded experts become less likely to be selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from model.config import Config
+from model.forward import forward, lm_logits
+from model.mtp import mtp_hidden
+from model.params import Params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1400
+    batch: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    mtp_weight: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_update_speed: float = 5e-3  # gamma (DeepSeek-V3: 1e-3 over a far longer run)
+    seed: int = 0
+    text_frac: float = 0.4
+
+
+def _ce(logits, targets):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig):
+    """tokens: [B, T+1]. Returns (loss, metrics with per-layer loads [Lm(+1), E])."""
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    b, t = inp.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, (load, balance) = forward(params, None, inp, positions, cfg, decode=False, train=True)
+    ce = _ce(lm_logits(params, hidden), tgt)
+    loss = ce + tc.balance_alpha * balance.sum()
+    metrics = {"ce": ce, "balance": balance.mean()}
+    if params.mtp is not None:
+        # position i (< T-1) sees h_i and t_{i+1} = tgt[:, i] and predicts t_{i+2} = tgt[:, i+1]
+        h_mtp, (mload, mbal) = mtp_hidden(params, hidden[:, :-1], tgt[:, :-1], cfg, train=True)
+        mtp_ce = _ce(lm_logits(params, h_mtp), tgt[:, 1:])
+        loss = loss + tc.mtp_weight * mtp_ce + tc.balance_alpha * mbal
+        metrics["mtp_ce"] = mtp_ce
+        load = jnp.concatenate([load, mload[None]])
+    metrics["load"] = load
+    return loss, metrics
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
+                                               end_value=tc.lr * tc.min_lr_frac)
+    # norms and the router bias are not decayed; the bias is not trained at all (updated by the balance rule)
+    def decay_mask(p):
+        return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim >= 2, p)
+    return optax.chain(optax.clip_by_global_norm(tc.clip),
+                       optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def update_router_bias(params: Params, load: jax.Array, gamma: float) -> Params:
+    """b_i -= gamma * sign(load_i - mean load), per MoE layer (and the MTP layer, last row of load)."""
+    def new_bias(bias, l):
+        return (bias - gamma * jnp.sign(l - l.mean(-1, keepdims=True))).astype(bias.dtype)
+    moe = params.moe_layers
+    n = moe.ffn.e_bias.shape[0]
+    params = params.replace(moe_layers=moe.replace(ffn=moe.ffn.replace(e_bias=new_bias(moe.ffn.e_bias, load[:n]))))
+    if params.mtp is not None:
+        f = params.mtp.layer.ffn
+        params = params.replace(mtp=params.mtp.replace(layer=params.mtp.layer.replace(
+            ffn=f.replace(e_bias=new_bias(f.e_bias, load[n])))))
+    return params
+
+
+def _zero_bias_grads(grads: Params) -> Params:
+    grads = grads.replace(moe_layers=grads.moe_layers.replace(ffn=grads.moe_layers.ffn.replace(
+        e_bias=jnp.zeros_like(grads.moe_layers.ffn.e_bias))))
+    if grads.mtp is not None:
+        f = grads.mtp.layer.ffn
+        grads = grads.replace(mtp=grads.mtp.replace(layer=grads.mtp.layer.replace(
+            ffn=f.replace(e_bias=jnp.zeros_like(f.e_bias)))))
+    return grads
+
+
+@partial(jax.jit, static_argnames=("cfg", "tc", "opt"), donate_argnames=("params", "opt_state"))
+def train_step(params: Params, opt_state, tokens, cfg: Config, tc: TrainConfig, opt):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, cfg, tc)
+    grads = _zero_bias_grads(grads)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = update_router_bias(params, metrics["load"], tc.bias_update_speed)
+    load = metrics["load"]
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "imbalance": (load.max(-1) / load.mean(-1))}  # per layer, max/mean
+    return params, opt_state, metrics

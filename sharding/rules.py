@@ -1,0 +1,102 @@
+"""One table from logical axis names (declared on every parameter in model/params.py and on the cache) to mesh
+axes, and the placement of parameters and caches on a mesh.
+
+Decisions (see sharding/README.md): vocabulary rows of the embedding and LM head over expert x tensor (all
+devices); attention heads over tensor; routed experts over expert and their width over tensor; dense and shared
+FFN width over tensor; the latent cache over batch (data) only, replicated across tensor ranks because every
+head reads the whole latent (as DeepSeek's own inference does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model.cache import Cache
+from model.config import Config
+from model.params import Params, is_info, param_infos
+from sharding.mesh import mesh_sizes
+
+MeshAxes = str | tuple[str, ...] | None
+
+DEFAULT_RULES: Mapping[str, MeshAxes] = {
+    "vocab": ("expert", "tensor"),
+    "heads": "tensor",
+    "experts": "expert",
+    "expert_ffn": "tensor",
+    "ffn": "tensor",
+    "shared_ffn": "tensor",
+    "batch": "data",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    rules: tuple[tuple[str, MeshAxes], ...] = tuple(DEFAULT_RULES.items())
+
+    def axes(self, logical: str | None) -> MeshAxes:
+        return dict(self.rules).get(logical) if logical is not None else None
+
+    def spec(self, logical_axes: tuple[str | None, ...]) -> P:
+        out, used = [], set()
+        for name in logical_axes:
+            mesh_axes = self.axes(name)
+            flat = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+            if used & set(flat):
+                raise ValueError(f"logical axes {logical_axes} map mesh axes {flat} twice")
+            used |= set(flat)
+            out.append(mesh_axes)
+        return P(*out)
+
+
+def param_specs(cfg: Config, rules: ShardingRules = ShardingRules(), *, with_mtp: bool | None = None) -> Params:
+    """A Params tree of PartitionSpecs, from the declarations' logical axes."""
+    return jax.tree.map(lambda i: rules.spec(i.logical_axes), param_infos(cfg, with_mtp=with_mtp), is_leaf=is_info)
+
+
+def cache_specs(rules: ShardingRules = ShardingRules()) -> Cache:
+    return Cache(c_kv=rules.spec(("layers", "batch", None, None)), k_pe=rules.spec(("layers", "batch", None, None)),
+                 lengths=rules.spec(("batch",)))
+
+
+def _mesh_size(mesh, axes: MeshAxes) -> int:
+    sizes = mesh_sizes(mesh)
+    flat = (axes,) if isinstance(axes, str) else (axes or ())
+    n = 1
+    for a in flat:
+        n *= sizes[a]
+    return n
+
+
+def check_divisible(cfg: Config, mesh, rules: ShardingRules = ShardingRules(), *, batch: int | None = None):
+    """Clear errors, before any compilation, for a mesh that does not divide the config."""
+    problems = []
+    checks = [("n_routed_experts", cfg.n_routed_experts, "experts"),
+              ("num_attention_heads", cfg.num_attention_heads, "heads"),
+              ("vocab_size", cfg.vocab_size, "vocab"), ("moe_intermediate_size", cfg.moe_intermediate_size,
+                                                         "expert_ffn"),
+              ("intermediate_size", cfg.intermediate_size, "ffn"),
+              ("moe_intermediate_size * n_shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts,
+               "shared_ffn")]
+    if batch is not None:
+        checks.append(("batch", batch, "batch"))
+    for name, value, logical in checks:
+        axes = rules.axes(logical)
+        n = _mesh_size(mesh, axes)
+        if value % n:
+            problems.append(f"{name}={value} is not divisible by mesh axes {axes} of size {n}")
+    if problems:
+        raise ValueError(f"mesh {mesh_sizes(mesh)} does not fit the config: " + "; ".join(problems))
+
+
+def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
+    check_divisible(cfg, mesh, rules)
+    specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, cache_specs(rules))

@@ -1,0 +1,82 @@
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import TINY
+from model.data import Batcher, problems, stdlib_corpus
+from model.tokenizer import ByteTokenizer
+from model.trainer import train
+from model.training import TrainConfig, make_optimizer, train_step, update_router_bias
+from tests.helpers import random_params
+
+CFG = TINY.replace(num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257)
+
+
+def test_short_training_run_lowers_the_loss():
+    tc = TrainConfig(steps=30, batch=4, seq_len=64, warmup=5, lr=3e-3)
+    _, hist = train(CFG, tc, None, log=io.StringIO(), log_every=1)
+    first, last = np.mean([h["ce"] for h in hist[:3]]), np.mean([h["ce"] for h in hist[-3:]])
+    assert last < first - 0.5, (first, last)
+    assert np.isfinite(hist[-1]["mtp_ce"]) and hist[-1]["mtp_ce"] < hist[0]["mtp_ce"]
+
+
+def test_router_bias_moves_against_the_load():
+    p = random_params(CFG, seed=0, with_mtp=True)
+    n = p.moe_layers.ffn.e_bias.shape[0]
+    rng = np.random.default_rng(0)
+    load = jnp.asarray(rng.integers(0, 100, size=(n + 1, CFG.n_routed_experts)), jnp.float32)
+    new = update_router_bias(p, load, 0.01)
+    delta = np.asarray(new.moe_layers.ffn.e_bias - p.moe_layers.ffn.e_bias)
+    over = np.asarray(load[:n] > load[:n].mean(-1, keepdims=True))
+    assert np.all(delta[over] < 0) and np.all(delta[~over & (np.asarray(load[:n]) < np.asarray(
+        load[:n].mean(-1, keepdims=True)))] > 0)
+    dm = np.asarray(new.mtp.layer.ffn.e_bias - p.mtp.layer.ffn.e_bias)
+    assert np.all(np.sign(dm) == -np.sign(np.asarray(load[n] - load[n].mean())))
+
+
+def test_train_step_updates_bias_by_the_rule_not_by_gradient():
+    tc = TrainConfig(steps=10, batch=2, seq_len=32, bias_update_speed=0.01)
+    p = random_params(CFG, seed=1, with_mtp=True)
+    old_bias = np.asarray(p.moe_layers.ffn.e_bias)
+    opt = make_optimizer(tc)
+    tokens = np.random.default_rng(0).integers(0, 256, size=(2, 33)).astype(np.int32)
+    p2, _, m = train_step(p, opt.init(p), tokens, cfg=CFG, tc=tc, opt=opt)
+    load = np.asarray(m["load"])[:old_bias.shape[0]]
+    want = old_bias - 0.01 * np.sign(load - load.mean(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(p2.moe_layers.ffn.e_bias), want, atol=1e-7)
+    assert m["load"].shape == (CFG.n_moe_layers + 1, CFG.n_routed_experts)
+
+
+def test_heldout_splits_never_reach_training():
+    rng = np.random.default_rng(0)
+    assert not any(p.heldout for p in problems(rng, 500, heldout=False))
+    assert all(p.heldout for p in problems(rng, 50, heldout=True))
+    corpus = stdlib_corpus()
+    assert len(corpus.train) > 1_000_000 and len(corpus.heldout) > 50_000
+    b = Batcher(corpus, ByteTokenizer(), 64, 4, seed=0)
+    assert b.next().shape == (4, 65)
+    held = corpus.heldout[1000:1200]
+    assert held not in corpus.train
+
+
+@pytest.mark.parametrize("text", ["", "plain ascii", "naïve café — 東京 🚀 \U0010ffff", "\x00\x01 control\n\t",
+                                  "".join(chr(c) for c in range(0x20, 0x3000, 7))])
+def test_byte_tokenizer_round_trips_utf8(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text, add_bos=True)
+    assert ids[0] == tok.bos_id and all(0 <= i < 256 for i in ids[1:])
+    assert tok.decode(ids) == text
+    dec = tok.stream_decoder()
+    assert "".join(dec(i) for i in ids) == text
+
+
+def test_byte_tokenizer_random_strings():
+    rng = np.random.default_rng(0)
+    tok = ByteTokenizer()
+    for _ in range(200):
+        cps = rng.integers(0, 0x10FFFF, size=rng.integers(0, 30))
+        text = "".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF)
+        assert tok.decode(tok.encode(text)) == text
