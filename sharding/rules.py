@@ -13,6 +13,7 @@ import dataclasses
 from typing import Mapping
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model.cache import Cache
@@ -92,11 +93,19 @@ def check_divisible(cfg: Config, mesh, rules: ShardingRules = ShardingRules(), *
         raise ValueError(f"mesh {mesh_sizes(mesh)} does not fit the config: " + "; ".join(problems))
 
 
+def _place(x, sharding: NamedSharding):
+    """device_put, or (multi-process) assemble the global array from this host's copy of the full value."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
     check_divisible(cfg, mesh, rules)
     specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), params, specs)
 
 
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, cache_specs(rules))
+    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), cache, cache_specs(rules))

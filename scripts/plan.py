@@ -1,0 +1,52 @@
+"""Plan a model on a mesh without allocating: per-device weight bytes by component, KV-cache capacity, fit.
+
+    python scripts/plan.py                                          # 671B, FP8, 8 devices of 80 GB
+    python scripts/plan.py --recipe fp8 --mesh expert=8 --memory-gb 141
+    python scripts/plan.py --compile                                # also compile the 61-layer decode step
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="r1_671b")
+    ap.add_argument("--mesh", default="expert=8")
+    ap.add_argument("--recipe", default="fp8")
+    ap.add_argument("--memory-gb", type=float, default=80.0)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=4096)
+    args = ap.parse_args()
+    from sharding.mesh import parse_mesh_spec
+    n = 1
+    for v in parse_mesh_spec(args.mesh).values():
+        n *= v
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from model.config import get_preset
+    from sharding.mesh import make_mesh
+    from sharding.plan import compile_decode, format_plan, plan
+
+    cfg = get_preset(args.preset)
+    mesh = make_mesh(args.mesh)
+    print(format_plan(plan(cfg, mesh, recipe=args.recipe, device_memory_gb=args.memory_gb)))
+    if args.compile:
+        mem, collectives, secs = compile_decode(cfg.replace(num_nextn_predict_layers=0), mesh, batch=args.batch,
+                                                max_len=args.max_len)
+        print(f"\ncompiled the {cfg.num_hidden_layers}-layer decode step (batch {args.batch}, cache {args.max_len}, "
+              f"bf16 weights) in {secs:.1f} s")
+        if mem is not None:
+            print(f"XLA memory analysis per device: arguments {mem.argument_size_in_bytes / 1e9:.2f} GB, outputs "
+                  f"{mem.output_size_in_bytes / 1e9:.2f} GB, temporaries {mem.temp_size_in_bytes / 1e9:.2f} GB, "
+                  f"aliased {mem.alias_size_in_bytes / 1e9:.2f} GB")
+        print("collectives emitted: " + ", ".join(f"{k} x{v}" for k, v in collectives.items()))
+
+
+if __name__ == "__main__":
+    main()
