@@ -2,9 +2,13 @@
 cache capacity in what memory remains, and whether it fits; optionally the compiled decode step's memory
 analysis and the collectives XLA emitted.
 
-Precision recipes here: "bf16" (everything bf16, router bias f32) and "fp8" (DeepSeek's release: every linear
-of attention, dense MLP and experts in e4m3 with one f32 scale per 128x128 block; embeddings, LM head, norms and
-router bf16). The FP4 recipes join when quant/ lands.
+Byte-accounting recipes (the quantizers themselves live in quant/):
+- "bf16": everything bf16 (router bias f32);
+- "fp8": DeepSeek's release: every linear of attention, dense MLP, experts and MTP in e4m3 with one f32 scale per
+  128x128 block; embeddings, LM head, norms and router bf16;
+- "nvfp4": NVIDIA's published DeepSeek-R1-FP4 recipe: dense-MLP, shared- and routed-expert linears in NVFP4
+  (4.5 bits), MLA projections bf16, embeddings/head/router bf16, the MTP layer as released (fp8);
+- "nvfp4_experts": routed experts NVFP4, every other linear fp8 as released.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from model.params import Moe, is_info, param_infos
 from sharding.mesh import mesh_sizes
 from sharding.rules import ShardingRules, check_divisible
 
-RECIPES = ("bf16", "fp8")
-_FP8_CLASSES = {"attention", "dense_mlp", "routed_experts", "shared_experts", "mtp_linear"}
+RECIPES = ("bf16", "fp8", "nvfp4", "nvfp4_experts")
+FP8_BLOCK = 1.0 + 4.0 / (128 * 128)  # e4m3 + one f32 scale per 128x128 block
+NVFP4 = 0.5 + 1.0 / 16  # e2m1 + one e4m3 scale per 16 (the per-tensor f32 scale is negligible)
+MXFP4 = 0.5 + 1.0 / 32
 
 
 def _component(path: str) -> str:
@@ -45,13 +51,16 @@ def _component(path: str) -> str:
 
 
 def _bytes_per_param(info, component: str, path: str, recipe: str) -> float:
-    if info.dtype == np.float32 and path.endswith("e_bias"):
+    if path.endswith("e_bias"):
         return 4.0
     is_linear = len([a for a in info.logical_axes if a not in ("layers", "experts")]) >= 2
-    fp8 = recipe == "fp8" and is_linear and ("router" not in component) and component != "embeddings"
-    if fp8:
-        return 1.0 + 4.0 / (128 * 128)
-    return 2.0
+    if recipe == "bf16" or not is_linear or component in ("embeddings", "router") or "w_router" in path:
+        return 2.0
+    if recipe == "fp8" or component == "mtp":
+        return FP8_BLOCK
+    if recipe == "nvfp4":
+        return NVFP4 if component in ("dense_mlp", "shared_experts", "routed_experts") else 2.0
+    return NVFP4 if component == "routed_experts" else FP8_BLOCK  # nvfp4_experts
 
 
 def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80.0, reserve_frac: float = 0.08,
@@ -62,7 +71,7 @@ def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80
     check_divisible(cfg, mesh, rules)
     infos = param_infos(cfg, with_mtp=cfg.num_nextn_predict_layers > 0)
     per_component: dict[str, float] = {}
-    total_global = 0.0
+    total_global = mtp_global = 0.0
     for path, info in jax.tree_util.tree_flatten_with_path(infos, is_leaf=is_info)[0]:
         name = jax.tree_util.keystr(path)
         comp = _component(name)
@@ -70,13 +79,16 @@ def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80
         bpp = _bytes_per_param(info, comp, name, recipe)
         per_component[comp] = per_component.get(comp, 0.0) + math.prod(shard) * bpp
         total_global += math.prod(info.shape) * bpp
+        mtp_global += math.prod(info.shape) * bpp if comp == "mtp" else 0.0
     weights = sum(per_component.values())
+    main_total = total_global - mtp_global
     mem = device_memory_gb * 1e9
     free = mem * (1 - reserve_frac) - weights
     sizes = mesh_sizes(mesh)
     kv_token = cache_bytes_per_token(cfg, np.dtype("bfloat16"))  # replicated over expert x tensor, split over data
     return {"recipe": recipe, "mesh": sizes, "device_memory_gb": device_memory_gb, "per_device": per_component,
-            "weights_per_device": weights, "weights_total": total_global, "reserve_frac": reserve_frac,
+            "weights_per_device": weights, "weights_total": total_global, "weights_main_model": main_total,
+            "reserve_frac": reserve_frac,
             "kv_bytes_per_token": kv_token,
             "kv_tokens_per_data_shard": max(0, int(free // kv_token)),
             "kv_tokens_total": max(0, int(free // kv_token)) * sizes["data"], "fits": free > 0}
@@ -89,7 +101,8 @@ def format_plan(p: dict) -> str:
     for k in ("attention", "dense_mlp", "routed_experts", "shared_experts", "router", "embeddings", "mtp", "norms"):
         if k in p["per_device"]:
             lines.append(f"{k:16} {p['per_device'][k] / gb:10.2f}")
-    lines += [f"{'total':16} {p['weights_per_device'] / gb:10.2f}   (all devices: {p['weights_total'] / gb:.1f} GB)",
+    lines += [f"{'total':16} {p['weights_per_device'] / gb:10.2f}   (all devices: {p['weights_total'] / gb:.1f} GB; "
+              f"main model without MTP {p['weights_main_model'] / gb:.1f} GB)",
               f"KV cache: {p['kv_bytes_per_token']:,} B/token (bf16 latent, 61 layers), room for "
               f"{p['kv_tokens_total']:,} tokens after a {p['reserve_frac']:.0%} reserve",
               f"fits: {'yes' if p['fits'] else 'NO'}"]
