@@ -158,8 +158,8 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     x_td = x.reshape(b * t, d)
     w, idx = route(p, x_td, cfg)
     if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
-        from sharding.ep import experts_ep
-        routed = experts_ep(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
+        from sharding.ep import experts_ep_dispatch
+        routed = experts_ep_dispatch(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
     else:
         impl = "grouped" if impl == "auto" else impl
         fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]

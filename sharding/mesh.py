@@ -42,3 +42,31 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
 
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
+
+
+class EPMesh:
+    """A mesh plus the expert-parallel dispatch to use: "psum" (tokens replicated across expert ranks, partial
+    outputs reduced), "all_to_all" (tokens sent to the ranks owning their experts and back), or "auto"
+    (all_to_all when a step has at least `a2a_min_tokens` tokens per expert rank, e.g. prefill; psum at decode).
+    Hashable, so it passes as a static argument wherever a mesh does."""
+
+    def __init__(self, mesh, dispatch: str = "auto", a2a_min_tokens: int = 16):
+        if dispatch not in ("auto", "psum", "all_to_all"):
+            raise ValueError(f"dispatch must be 'auto', 'psum' or 'all_to_all', got {dispatch!r}")
+        self.mesh, self.dispatch, self.a2a_min_tokens = mesh, dispatch, a2a_min_tokens
+
+    @property
+    def shape(self):
+        return self.mesh.shape
+
+    def _key(self):
+        return (self.mesh, self.dispatch, self.a2a_min_tokens)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, EPMesh) and self._key() == other._key()
+
+    def __repr__(self):
+        return f"EPMesh({mesh_sizes(self.mesh)}, dispatch={self.dispatch!r})"

@@ -74,6 +74,7 @@ def _mesh_size(mesh, axes: MeshAxes) -> int:
 
 def check_divisible(cfg: Config, mesh, rules: ShardingRules = ShardingRules(), *, batch: int | None = None):
     """Clear errors, before any compilation, for a mesh that does not divide the config."""
+    mesh = getattr(mesh, "mesh", mesh)  # an EPMesh wraps a Mesh
     problems = []
     checks = [("n_routed_experts", cfg.n_routed_experts, "experts"),
               ("num_attention_heads", cfg.num_attention_heads, "heads"),
@@ -102,10 +103,12 @@ def _place(x, sharding: NamedSharding):
 
 
 def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
+    mesh = getattr(mesh, "mesh", mesh)
     check_divisible(cfg, mesh, rules)
     specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
     return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), params, specs)
 
 
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
+    mesh = getattr(mesh, "mesh", mesh)
     return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), cache, cache_specs(rules))
