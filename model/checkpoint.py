@@ -90,6 +90,17 @@ def verify_manifest(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupted checkpoint, hash mismatch in {', '.join(bad[:5])}")
 
 
+def _path_name(keys) -> str:
+    """'.moe_layers.ffn.we1' whether the path is of dataclass attributes (ours) or dict keys (orbax metadata)."""
+    parts = []
+    for k in keys:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "." + ".".join(parts)
+
+
 def _check_shapes(path: Path, target: Params) -> None:
     import orbax.checkpoint as ocp
 
@@ -98,19 +109,18 @@ def _check_shapes(path: Path, target: Params) -> None:
     except Exception as e:  # orbax raises many kinds; we say which file and why
         raise CheckpointError(f"{path / 'params'}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from None
     saved = getattr(meta, "item_metadata", meta)
-    saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+    saved_flat = {_path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(
         saved, is_leaf=lambda x: hasattr(x, "shape"))[0]}
     problems = []
     for k, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-        name = jax.tree_util.keystr(k)
+        name = _path_name(k)
         got = saved_flat.get(name)
         if got is None:
             problems.append(f"{name} missing")
         elif tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
             problems.append(f"{name}: saved {tuple(got.shape)} {np.dtype(got.dtype)}, the config needs "
                             f"{tuple(want.shape)} {np.dtype(want.dtype)}")
-    extra = sorted(set(saved_flat) - {jax.tree_util.keystr(k) for k, _ in
-                                      jax.tree_util.tree_flatten_with_path(target)[0]})
+    extra = sorted(set(saved_flat) - {_path_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(target)[0]})
     if extra:
         problems.append(f"unexpected tensors {', '.join(extra[:5])}")
     if problems:

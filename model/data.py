@@ -93,8 +93,18 @@ class Problem:
 
     @property
     def worked(self) -> str:
-        op = {"add2": "+", "add3": "+", "sub2": "-", "mul": "*"}[self.kind]
-        return f"{self.a} {op} {self.b} = {self.answer}"
+        """A worked answer, place value by place value, ending in '= <answer>' (what exact match reads)."""
+        a, b = self.a, self.b
+        if self.kind in ("add2", "add3"):
+            parts = [(a // p % 10 * p, b // p % 10 * p) for p in ((100, 10, 1) if self.kind == "add3" else (10, 1))]
+            steps = [f"{x} + {y} = {x + y}" for x, y in parts]
+            sums = [x + y for x, y in parts]
+            return f"{a} + {b}: " + ", ".join(steps) + ", " + " + ".join(map(str, sums)) + f" = {self.answer}"
+        if self.kind == "sub2":
+            tens, ones = b // 10 * 10, b % 10
+            return f"{a} - {b}: {a} - {tens} = {a - tens}, {a - tens} - {ones} = {self.answer}"
+        tens, ones = b // 10 * 10, b % 10
+        return f"{a} * {b}: {a} * {tens} = {a * tens}, {a} * {ones} = {a * ones}, {a * tens} + {a * ones} = {self.answer}"
 
     def prompt(self) -> str:
         return f"{self.question}\nAnswer:"
@@ -119,11 +129,16 @@ def random_problem(rng: np.random.Generator, kind: str) -> Problem:
     return Problem(kind, int(a), int(b), NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))])
 
 
+TRAIN_MIX = {"add2": 0.4, "sub2": 0.2, "add3": 0.2, "mul": 0.2}
+
+
 def problems(rng: np.random.Generator, n: int, *, heldout: bool, kinds=KINDS) -> list[Problem]:
-    """n problems from the training (heldout=False) or held-out split."""
+    """n problems from the training (heldout=False) or held-out split; kinds drawn by TRAIN_MIX weights."""
+    weights = np.array([TRAIN_MIX[k] for k in kinds])
+    weights = weights / weights.sum()
     out = []
     while len(out) < n:
-        p = random_problem(rng, kinds[rng.integers(len(kinds))])
+        p = random_problem(rng, kinds[rng.choice(len(kinds), p=weights)])
         if p.heldout == heldout:
             out.append(p)
     return out

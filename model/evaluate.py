@@ -69,13 +69,20 @@ def arithmetic_accuracy(params, cfg: Config, tok, n: int, seed: int = 1234, kind
 def evaluate(params, cfg: Config, tok, *, n_problems: int = 200, text_bytes: int = 60000) -> dict:
     corpus = stdlib_corpus()
     held = corpus.heldout[:text_bytes]
-    bpb, load = text_bits_per_byte(params, cfg, tok, held)
-    load = np.asarray(load)
-    imbalance = (load.max(-1) / load.mean(-1)).round(3).tolist()
+    bpb, load_text = text_bits_per_byte(params, cfg, tok, held)
+    arith = "".join(p.text() for p in problems(np.random.default_rng(99), 400, heldout=True))
+    _, load_arith = text_bits_per_byte(params, cfg, tok, arith)
+
+    def imbalance(load):
+        load = np.asarray(load)
+        return (load.max(-1) / load.mean(-1)).round(3).tolist()
     return {"heldout_text_bytes": len(held.encode("utf-8")), "bits_per_byte": bpb,
             "unigram_bits_per_byte": unigram_bits_per_byte(corpus.train, held),
             "arithmetic_exact_match": arithmetic_accuracy(params, cfg, tok, n_problems),
-            "problems_per_kind": n_problems, "expert_load_max_over_mean": imbalance}
+            "problems_per_kind": n_problems,
+            "expert_load_max_over_mean": {"heldout_text": imbalance(load_text),
+                                          "heldout_arithmetic": imbalance(load_arith),
+                                          "both": imbalance(np.asarray(load_text) + np.asarray(load_arith))}}
 
 
 def format_table(r: dict) -> str:
@@ -86,7 +93,7 @@ def format_table(r: dict) -> str:
              "mul": "1-digit x 2-digit multiplication"}
     for k, v in r["arithmetic_exact_match"].items():
         lines.append(f"{'exact match, ' + names.get(k, k):44} {v:10.1%}")
-    for i, v in enumerate(r["expert_load_max_over_mean"]):
-        name = f"MoE layer {i}" if i < len(r["expert_load_max_over_mean"]) else ""
-        lines.append(f"{'expert load max/mean, ' + name:44} {v:10.2f}")
+    for split, values in r["expert_load_max_over_mean"].items():
+        lines.append(f"{'expert load max/mean per MoE layer, ' + split.replace('_', ' '):44} "
+                     + " ".join(f"{v:.2f}" for v in values))
     return "\n".join(lines)

@@ -17,6 +17,13 @@ from model.layers import F32
 from model.moe import _tile_rows, grouped_swiglu
 
 
+def _local_experts(ws, layer, e_local):
+    """This device's expert shards as [L*E_local, ...] views (stacked) plus the layer's expert offset."""
+    if layer is None:
+        return list(ws), 0
+    return [a.reshape(-1, *a.shape[2:]) for a in ws], layer * e_local
+
+
 def experts_ep(we1, we3, we2, x, w, idx, layer, mesh):
     """x: [T, D]; w, idx: [T, X] (routing, computed replicated); we*: [E, ...] or [L, E, ...] with layer index.
 
@@ -37,11 +44,7 @@ def experts_ep(we1, we3, we2, x, w, idx, layer, mesh):
         order = jnp.argsort(flat, stable=True)
         token = order // k
         sizes = jnp.bincount(flat, length=e_local + 1)[:e_local]
-        if stacked:
-            views = [a.reshape(-1, *a.shape[2:]) for a in (we1, we3, we2)]
-            offset = layer * e_local
-        else:
-            views, offset = [we1, we3, we2], 0
+        views, offset = _local_experts((we1, we3, we2), layer if stacked else None, e_local)
         ys = grouped_swiglu(x[token], *views, sizes, _tile_rows(t * k, e_local), expert_offset=offset)
         ys = ys * jnp.where(mine, w, 0.0).reshape(-1)[order][:, None]
         out = jnp.zeros((t, x.shape[1]), F32).at[token].add(ys)
@@ -90,11 +93,7 @@ def experts_ep_all_to_all(we1, we3, we2, x, w, idx, layer, mesh):
         rx, re = recv_x.reshape(ep * cap, d), recv_e.reshape(-1)
         o2 = jnp.argsort(re, stable=True)
         sizes = jnp.bincount(re, length=e_local + 1)[:e_local]  # slot e_local = empty, never computed
-        if stacked:
-            views = [a.reshape(-1, *a.shape[2:]) for a in (we1, we3, we2)]
-            offset = layer * e_local
-        else:
-            views, offset = [we1, we3, we2], 0
+        views, offset = _local_experts((we1, we3, we2), layer if stacked else None, e_local)
         ys = grouped_swiglu(rx[o2], *views, sizes, _tile_rows(ep * cap, e_local), expert_offset=offset)
         back = jnp.zeros((ep * cap, d), F32).at[o2].set(ys).reshape(ep, cap, d)
         with jax.named_scope("ep_combine"):

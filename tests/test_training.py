@@ -80,3 +80,10 @@ def test_byte_tokenizer_random_strings():
         cps = rng.integers(0, 0x10FFFF, size=rng.integers(0, 30))
         text = "".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF)
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_training_is_deterministic_given_a_seed():
+    tc = TrainConfig(steps=4, batch=2, seq_len=32, warmup=2)
+    _, h1 = train(CFG, tc, None, log=io.StringIO(), log_every=1)
+    _, h2 = train(CFG, tc, None, log=io.StringIO(), log_every=1)
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]

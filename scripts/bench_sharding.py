@@ -1,0 +1,81 @@
+"""Sharded decode on 8 emulated CPU devices against 1 device, and the two expert-parallel dispatches side by side.
+
+Emulated devices share this machine's cores, so this measures the overhead of sharding (collectives, partitioned
+programs), not a speed-up. Prints a table; --json writes it.
+
+    python scripts/bench_sharding.py --presets tiny small --json docs/bench_sharding.json
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model.bench import _median_time  # noqa: E402
+from model.cache import init_cache  # noqa: E402
+from model.config import get_preset  # noqa: E402
+from model.forward import _decode, _prefill  # noqa: E402
+from model.params import init  # noqa: E402
+from sharding import EPMesh, make_mesh, shard_cache, shard_params  # noqa: E402
+
+
+def run(cfg, params, mesh, batch, steps, repeats):
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 32)), jnp.int32)
+    lengths = jnp.full((batch,), 32, jnp.int32)
+
+    def one():
+        cache = init_cache(cfg, batch, 32 + steps + 1)
+        if mesh is not None:
+            cache = shard_cache(cache, mesh)
+        logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, mesh=mesh)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        for _ in range(steps):
+            logits, cache = _decode(params, cache, tok, cfg=cfg, mesh=mesh)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        return tok.block_until_ready()
+
+    t = _median_time(one, repeats)
+    return batch * steps / t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in args.presets:
+        cfg = get_preset(name)
+        params = init(cfg, jax.random.key(0), std="fan_in")
+        base = run(cfg, params, None, args.batch, args.steps, args.repeats)
+        rows.append({"preset": name, "mesh": "1 device", "tok_s": base, "vs_1_device": 1.0})
+        for spec in ("expert=8", "expert=4,tensor=2"):
+            for dispatch in ("psum", "all_to_all"):
+                mesh = EPMesh(make_mesh(spec), dispatch=dispatch)
+                if dispatch == "all_to_all" and args.batch % mesh.shape["expert"]:
+                    continue
+                tps = run(cfg, shard_params(params, cfg, mesh), mesh, args.batch, args.steps, args.repeats)
+                rows.append({"preset": name, "mesh": f"{spec} ({dispatch})", "tok_s": tps, "vs_1_device": tps / base})
+    print(f"decode, batch {args.batch}, {args.steps} steps after a 32-token prompt, host loop, median of "
+          f"{args.repeats}; 8 emulated devices on {os.cpu_count()} cores (overhead, not speed-up)")
+    print(f"{'preset':7} {'mesh':30} {'tok/s':>9} {'vs 1 device':>12}")
+    for r in rows:
+        print(f"{r['preset']:7} {r['mesh']:30} {r['tok_s']:9.1f} {r['vs_1_device']:12.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
