@@ -56,7 +56,7 @@ def arithmetic_accuracy(params, cfg: Config, tok, n: int, seed: int = 1234, kind
     for kind in kinds:
         probs = problems(rng, n, heldout=True, kinds=(kind,))
         prompts = [tok.encode(p.prompt(), add_bos=True) for p in probs]
-        res = generate(params, cfg, prompts, max_new_tokens=16, stop_tokens=[newline, tok.eos_id])
+        res = generate(params, cfg, prompts, max_new_tokens=96, stop_tokens=[newline, tok.eos_id])
         correct = 0
         for p, ids in zip(probs, res.sequences()):
             text = tok.decode(ids)

@@ -50,7 +50,9 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
                   f"{el:.0f}s", end="\n" if step % (log_every * 10) == 0 or step == tc.steps else "", file=log,
                   flush=True)
     if out is not None:
-        meta = {"steps": tc.steps, "train_config": dataclasses.asdict(tc), "data": corpus.source,
+        from model.data import TRAIN_MIX
+        meta = {"steps": tc.steps, "train_config": dataclasses.asdict(tc), "arithmetic_mix": TRAIN_MIX,
+                "data": corpus.source,
                 "data_sha256": corpus.sha256, "final": history[-1], "jax": jax.__version__}
         save_checkpoint(out, params, cfg, tokenizer=tok.describe(), training=meta, overwrite=overwrite)
         print(f"saved {out}", file=log)
