@@ -56,8 +56,13 @@ def stdlib_corpus(heldout_every: int = 20) -> TextCorpus:
             continue
         docs = _docstrings(path)
         if docs:
-            (held if zlib.crc32(rel.encode()) % heldout_every == 0 else train).append("\n\n".join(docs))
-    train_s, held_s = "\n\n".join(train), "\n\n".join(held)
+            (held if zlib.crc32(rel.encode()) % heldout_every == 0 else train).append(docs)
+    seen = {d for docs in train for d in docs}
+    # the stdlib repeats some docstrings across modules (io/_pyio, ...): a held-out one that is also trained on
+    # is dropped from the held-out split, so held-out text is never seen in training
+    held = [[d for d in docs if d not in seen] for docs in held]
+    train_s = "\n\n".join("\n\n".join(docs) for docs in train)
+    held_s = "\n\n".join("\n\n".join(docs) for docs in held if docs)
     digest = hashlib.sha256((train_s + "\0" + held_s).encode()).hexdigest()
     return TextCorpus(train_s, held_s, digest, f"docstrings of {root} (Python standard library, PSF licence)")
 

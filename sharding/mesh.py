@@ -47,10 +47,11 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
 class EPMesh:
     """A mesh plus the expert-parallel dispatch to use: "psum" (tokens replicated across expert ranks, partial
     outputs reduced), "all_to_all" (tokens sent to the ranks owning their experts and back), or "auto"
-    (all_to_all when a step has at least `a2a_min_tokens` tokens per expert rank, e.g. prefill; psum at decode).
+    (all_to_all when the step's tokens split evenly over the data x expert ranks with at least `a2a_min_tokens`
+    each, psum otherwise; measured in docs/benchmarks.md).
     Hashable, so it passes as a static argument wherever a mesh does."""
 
-    def __init__(self, mesh, dispatch: str = "auto", a2a_min_tokens: int = 16):
+    def __init__(self, mesh, dispatch: str = "auto", a2a_min_tokens: int = 1):
         if dispatch not in ("auto", "psum", "all_to_all"):
             raise ValueError(f"dispatch must be 'auto', 'psum' or 'all_to_all', got {dispatch!r}")
         self.mesh, self.dispatch, self.a2a_min_tokens = mesh, dispatch, a2a_min_tokens

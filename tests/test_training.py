@@ -58,8 +58,10 @@ def test_heldout_splits_never_reach_training():
     assert len(corpus.train) > 1_000_000 and len(corpus.heldout) > 50_000
     b = Batcher(corpus, ByteTokenizer(), 64, 4, seed=0)
     assert b.next().shape == (4, 65)
-    held = corpus.heldout[1000:1200]
-    assert held not in corpus.train
+    # whole docstrings repeated across modules are dropped from held-out; a shared paragraph may remain
+    starts = np.random.default_rng(0).integers(0, len(corpus.heldout) - 200, 200)
+    overlap = sum(corpus.heldout[s:s + 200] in corpus.train for s in starts)
+    assert overlap <= 2, f"{overlap} of 200 held-out windows occur in the training text"
 
 
 @pytest.mark.parametrize("text", ["", "plain ascii", "naïve café — 東京 🚀 \U0010ffff", "\x00\x01 control\n\t",
