@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -31,20 +32,25 @@ def load_any(path: str | Path):
     return params, cfg, ByteTokenizer(cfg.vocab_size)
 
 
-def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token):
+@partial(jax.jit, static_argnames=("sp",))
+def _sample_one(logits, step, sp):
+    from model.sampling import sample, step_keys
+    return sample(logits, step_keys(sp.seed, jnp.zeros(1, jnp.int32), step), sp)
+
+
+def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None):
     """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
 
     Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
     """
     from model.cache import init_cache
     from model.forward import _decode, _prefill
-    from model.sampling import sample, step_keys
-
-    max_len = min(-(-(len(prompt_ids) + max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
+    if max_len is None:
+        max_len = min(-(-(len(prompt_ids) + max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     tokens = jnp.asarray([prompt_ids], jnp.int32)
     lengths = jnp.asarray([len(prompt_ids)], jnp.int32)
-    sample_fn = jax.jit(lambda logits, step: sample(logits, step_keys(sampling.seed, jnp.zeros(1, jnp.int32), step),
-                                                     sampling))
+    def sample_fn(logits, step):
+        return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
     logits, cache = _prefill(params, init_cache(cfg, 1, max_len), tokens, lengths, cfg=cfg)
@@ -73,8 +79,8 @@ def generate_main(argv=None):
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (DeepSeek recommends 0.6 for R1)")
+    ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -90,9 +96,11 @@ def generate_main(argv=None):
     if args.max_new_tokens == 0:
         print(args.prompt)
         return
-    # compile once with the real shapes so the timings below are of generation alone
+    # compile once with the real shapes (same cache length) so the timings below are of generation alone
+    max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
-    stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None)
+    stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
+                    max_len=max_len)
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -101,7 +109,7 @@ def generate_main(argv=None):
         if i != tok.eos_id:
             print(decode(i), end="", flush=True)
     ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
-                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show)
+                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len)
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
