@@ -104,6 +104,6 @@ def train_step(params: Params, opt_state, tokens, cfg: Config, tc: TrainConfig, 
     params = optax.apply_updates(params, updates)
     params = update_router_bias(params, metrics["load"], tc.bias_update_speed)
     load = metrics["load"]
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "imbalance": (load.max(-1) / load.mean(-1))}  # per layer, max/mean
     return params, opt_state, metrics
