@@ -116,8 +116,8 @@ def experts_ep_dispatch(we1, we3, we2, x, w, idx, layer, mesh):
     if not isinstance(mesh, EPMesh):
         return experts_ep(we1, we3, we2, x, w, idx, layer, mesh)
     m, mode = mesh.mesh, mesh.dispatch
-    rows_per_rank = x.shape[0] // (m.shape["data"] * m.shape["expert"]) if x.shape[0] % (
-        m.shape["data"] * m.shape["expert"]) == 0 else 0
+    ranks = m.shape["data"] * m.shape["expert"]
+    rows_per_rank = x.shape[0] // ranks if x.shape[0] % ranks == 0 else 0  # 0: tokens do not split evenly
     if mode == "auto":
         mode = "all_to_all" if rows_per_rank >= mesh.a2a_min_tokens else "psum"
     if mode == "all_to_all":

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 
 from model.cache import cache_bytes_per_token
 from model.config import Config
-from model.params import Moe, is_info, param_infos
+from model.params import is_info, param_infos
 from sharding.mesh import mesh_sizes
 from sharding.rules import ShardingRules, check_divisible
 
@@ -140,4 +140,4 @@ def compile_decode(cfg: Config, mesh, *, batch: int, max_len: int, rules: Shardi
     return compiled.memory_analysis(), counts, secs
 
 
-__all__ = ["plan", "format_plan", "compile_decode", "RECIPES", "Moe"]
+__all__ = ["plan", "format_plan", "compile_decode", "RECIPES"]

@@ -3,7 +3,6 @@
 import zlib
 
 import jax
-import jax.numpy as jnp
 
 from model.params import init
 
@@ -30,4 +29,4 @@ def fresh_jit_caches():
     jax.clear_caches()
 
 
-__all__ = ["random_params", "fresh_jit_caches", "jnp"]
+__all__ = ["random_params", "fresh_jit_caches"]

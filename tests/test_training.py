@@ -1,6 +1,5 @@
 import io
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
