@@ -18,6 +18,11 @@ class Cache:
     c_kv: jax.Array  # [L, B, S, C]
     k_pe: jax.Array  # [L, B, S, R]
     lengths: jax.Array  # [B] int32
+    kv_scale: jax.Array | None = None  # [L, 2] float32 (c_kv, k_pe) when the cache is FP8 E4M3, else None
+
+    @property
+    def fp8(self) -> bool:
+        return self.kv_scale is not None
 
     @property
     def max_len(self) -> int:
@@ -28,22 +33,51 @@ class Cache:
         return self.c_kv.shape[1]
 
 
-def cache_shapes(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
-    dtype = dtype or cfg.param_dtype
+def cache_shapes(cfg: Config, batch: int, max_len: int, dtype=None, *, fp8: bool = False) -> Cache:
+    dtype = jnp.float8_e4m3fn if fp8 else (dtype or cfg.param_dtype)
     n = cfg.num_hidden_layers
     return Cache(c_kv=jax.ShapeDtypeStruct((n, batch, max_len, cfg.kv_lora_rank), dtype),
                  k_pe=jax.ShapeDtypeStruct((n, batch, max_len, cfg.qk_rope_head_dim), dtype),
-                 lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+                 lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
+                 kv_scale=jax.ShapeDtypeStruct((n, 2), jnp.float32) if fp8 else None)
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, kv_scale=None) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens.
+
+    kv_scale: [L, 2] float32 per-layer scales (c_kv, k_pe), from `quant.calibrate`: the cache is then FP8 E4M3
+    holding value / scale (as the published FP4 checkpoint's FP8 KV cache does); dtype=float8_e4m3fn without
+    scales uses 1.0.
+    """
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     if max_len > cfg.max_position_embeddings:
         raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}")
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_len, dtype))
+    fp8 = kv_scale is not None or (dtype is not None and jnp.dtype(dtype) == jnp.float8_e4m3fn)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_len, dtype, fp8=fp8))
+    if fp8:
+        scale = jnp.ones((cfg.num_hidden_layers, 2), jnp.float32) if kv_scale is None else kv_scale
+        scale = jnp.array(scale, jnp.float32, copy=True)  # the cache is donated: never the caller's buffer
+        if scale.shape != (cfg.num_hidden_layers, 2):
+            raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {scale.shape}")
+        cache = cache.replace(kv_scale=scale)
+    return cache
+
+
+def kv_store(x: jax.Array, scale) -> jax.Array:
+    """Values to write into an FP8 cache: x / scale rounded to E4M3 (saturating); plain caches take x as is."""
+    if scale is None:
+        return x
+    from quant.formats import div, e4m3
+    return e4m3(div(x, scale))
+
+
+def kv_load(c: jax.Array, scale, dtype) -> jax.Array:
+    """Cache contents as values of `dtype`."""
+    if scale is None:
+        return c.astype(dtype)
+    return (c.astype(jnp.float32) * scale).astype(dtype)
 
 
 def cache_bytes_per_token(cfg: Config, dtype=None) -> int:

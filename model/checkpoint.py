@@ -131,7 +131,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, C
     """Returns (params, config, meta). Raises CheckpointError with a specific message on any mismatch."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).resolve()  # orbax reads metadata of relative paths as empty
     meta = read_meta(path)
     try:
         cfg = Config.from_dict(meta["config"])

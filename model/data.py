@@ -98,18 +98,28 @@ class Problem:
 
     @property
     def worked(self) -> str:
-        """A worked answer, place value by place value, ending in '= <answer>' (what exact match reads)."""
+        """A worked answer done digit by digit from the ones up, as on paper, each step one small fact with its
+        carry or borrow, ending in 'so <a> <op> <b> = <answer>' (exact match reads what follows the last '=').
+        The answer is then a copy: the last step's result followed by the earlier steps' last digits."""
         a, b = self.a, self.b
         if self.kind in ("add2", "add3"):
-            parts = [(a // p % 10 * p, b // p % 10 * p) for p in ((100, 10, 1) if self.kind == "add3" else (10, 1))]
-            steps = [f"{x} + {y} = {x + y}" for x, y in parts]
-            sums = [x + y for x, y in parts]
-            return f"{a} + {b}: " + ", ".join(steps) + ", " + " + ".join(map(str, sums)) + f" = {self.answer}"
+            steps, carry = [], 0
+            for p in (1, 10, 100)[:3 if self.kind == "add3" else 2]:
+                x, y = a // p % 10, b // p % 10
+                steps.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {x + y + carry}")
+                carry = (x + y + carry) // 10
+            return f"{a} + {b}: " + ", ".join(steps) + f", so {a} + {b} = {self.answer}"
         if self.kind == "sub2":
-            tens, ones = b // 10 * 10, b % 10
-            return f"{a} - {b}: {a} - {tens} = {a - tens}, {a - tens} - {ones} = {self.answer}"
-        tens, ones = b // 10 * 10, b % 10
-        return f"{a} * {b}: {a} * {tens} = {a * tens}, {a} * {ones} = {a * ones}, {a * tens} + {a * ones} = {self.answer}"
+            (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+            if a0 >= b0:
+                steps = [f"{a0} - {b0} = {a0 - b0}", f"{a1} - {b1} = {a1 - b1}"]
+            else:
+                steps = [f"1{a0} - {b0} = {10 + a0 - b0}", f"{a1} - 1 - {b1} = {a1 - 1 - b1}"]
+            return f"{a} - {b}: " + ", ".join(steps) + f", so {a} - {b} = {self.answer}"
+        b1, b0 = divmod(b, 10)
+        carry = a * b0 // 10
+        steps = [f"{a} * {b0} = {a * b0}", f"{a} * {b1}" + (f" + {carry}" if carry else "") + f" = {a * b1 + carry}"]
+        return f"{a} * {b}: " + ", ".join(steps) + f", so {a} * {b} = {self.answer}"
 
     def prompt(self) -> str:
         return f"{self.question}\nAnswer:"

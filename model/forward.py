@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.cache import Cache
+from model.cache import Cache, kv_load, kv_store
 from model.config import Config
 from model.layers import F32, rms_norm, swiglu
 from model.mla import attend_absorbed, attend_naive, cache_mask, causal_mask, project, write_cache
@@ -21,23 +21,27 @@ from model.params import Layer, Moe, Params
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
-          layer=None, train: bool = False, mesh=None):
+          layer=None, train: bool = False, mesh=None, kv_scale=None):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
     decode writes them at each sequence's position and attends in the absorbed form against the cache. Without
     a cache (training) nothing is written. layer: for MoE layers inside the scan, the layer index into whole
     [L, E, ...] expert stacks. train: differentiable experts, and the MoE's (load, balance) stats are returned.
+    kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8.
     Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
     if cache_c is not None:
         start = positions[:, 0]
-        cache_c, cache_r = write_cache(cache_c, c_kv, start), write_cache(cache_r, k_pe, start)
+        sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
+        cache_c = write_cache(cache_c, kv_store(c_kv, sc), start)
+        cache_r = write_cache(cache_r, kv_store(k_pe, sr), start)
     if decode:
         mask = cache_mask(positions, cache_c.shape[1])
-        a = attend_absorbed(p.attn, q_nope, q_pe, cache_c, cache_r, mask, cfg.softmax_scale)
+        a = attend_absorbed(p.attn, q_nope, q_pe, kv_load(cache_c, sc, x.dtype), kv_load(cache_r, sr, x.dtype), mask,
+                            cfg.softmax_scale)
     else:
         a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale)
     x = x + a
@@ -54,7 +58,7 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
 
 
 def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str,
-               train: bool = False, mesh=None):
+               train: bool = False, mesh=None, kv_scale=None):
     """lax.scan over a stack of layers. MoE expert stacks are not scanned but closed over whole and indexed by
     layer (see moe._expert_view), so a step reads only the experts it routes to."""
     experts = None
@@ -63,15 +67,15 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
         stack = stack.replace(ffn=stack.ffn.replace(we1=None, we3=None, we2=None))
 
     def step(x, xs):
-        layer, idx, cc, cr = xs
+        layer, idx, cc, cr, ks = xs
         if experts is not None:
             we1, we3, we2 = experts
             layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
         x, cc, cr, stats = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
-                                 layer=idx if experts is not None else None, train=train, mesh=mesh)
+                                 layer=idx if experts is not None else None, train=train, mesh=mesh, kv_scale=ks)
         return x, (cc, cr, stats)
     n = stack.attn_norm.shape[0]
-    x, (cache_c, cache_r, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r))
+    x, (cache_c, cache_r, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r, kv_scale))
     return x, cache_c, cache_r, stats
 
 
@@ -95,7 +99,7 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
                 stats = st if st is not None else stats
                 continue
             x, cc, cr, _ = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl,
-                                      mesh=mesh)
+                                      mesh=mesh, kv_scale=None if cache.kv_scale is None else cache.kv_scale[lo:hi])
         # written back into the full buffers (in place when the cache is donated)
         c_kv, k_pe = c_kv.at[lo:hi].set(cc), k_pe.at[lo:hi].set(cr)
     hidden = rms_norm(x, params.norm, cfg.rms_norm_eps)
@@ -114,7 +118,7 @@ def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl, mesh=mesh)
-    new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32))
+    new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32), kv_scale=cache.kv_scale)
     if all_logits:
         return lm_logits(params, hidden), new_cache
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -126,7 +130,8 @@ def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None):
     positions = cache.lengths[:, None]  # [B, 1]
     hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl,
                                  mesh=mesh)
-    return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1)
+    return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1,
+                                                 kv_scale=cache.kv_scale)
 
 
 _prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl", "mesh"), donate_argnames=("cache",))

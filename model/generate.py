@@ -37,8 +37,11 @@ class GenerateOutput:
 
 
 @partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh"))
-def _generate_loop(params, tokens, lengths, stop_ids, request_ids, cfg, sp, max_new_tokens, max_len, mesh=None):
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, tokens.shape[0], max_len))
+def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
+                   mesh=None):
+    shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
+    cache = cache.replace(kv_scale=kv_scale)
     logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh)
     b = tokens.shape[0]
     first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
@@ -77,13 +80,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
 
 def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-             max_len: int | None = None, request_ids: Sequence[int] | None = None, mesh=None) -> GenerateOutput:
+             max_len: int | None = None, request_ids: Sequence[int] | None = None, mesh=None,
+             kv_scale=None) -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
       last generated token); max_len: cache length (default: longest prompt + max_new_tokens, padded);
       request_ids: per-sequence ids for the sampling keys (default 0..B-1); mesh: run sharded on this mesh
-      (parameters placed with sharding.shard_params; experts run expert-parallel).
+      (parameters placed with sharding.shard_params; experts run expert-parallel); kv_scale: [L, 2] scales of
+      an FP8 latent cache (see `init_cache`), None for a cache in the model's dtype.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -111,8 +116,12 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
         return GenerateOutput(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), np.zeros(b, bool))
     rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
     stop_arr = jnp.asarray(stop if stop.size else np.array([PAD]), jnp.int32)
+    if kv_scale is not None:
+        kv_scale = jnp.asarray(kv_scale, jnp.float32)
+        if kv_scale.shape != (cfg.num_hidden_layers, 2):
+            raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
     out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
-                                jnp.asarray(rid, jnp.int32), cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
+                                jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
                                 max_len=max_len, mesh=mesh)
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]

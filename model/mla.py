@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from model.config import Config
-from model.layers import F32, dot, rms_norm
+from model.layers import F32, qdot, rms_norm
+from quant.qarray import weight
 from model.params import Attention
 from model.rope import apply_rope
 
@@ -30,11 +31,11 @@ def project(p: Attention, x: jax.Array, positions: jax.Array, cfg: Config):
     """
     h, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
     with jax.named_scope("q_proj"):
-        c_q = rms_norm(dot(x, p.wq_a, "BTD,DQ->BTQ"), p.q_norm, cfg.rms_norm_eps)  # [B, T, Q]
-        q = dot(c_q, p.wq_b, "BTQ,QNK->BTNK")  # [B, T, N, H+R]
+        c_q = rms_norm(qdot(x, p.wq_a, "BTD,DQ->BTQ"), p.q_norm, cfg.rms_norm_eps)  # [B, T, Q]
+        q = qdot(c_q, p.wq_b, "BTQ,QNK->BTNK")  # [B, T, N, H+R]
         q_nope, q_pe = q[..., :h], apply_rope(q[..., h:], positions, cfg)
     with jax.named_scope("kv_proj"):
-        kv = dot(x, p.wkv_a, "BTD,DK->BTK")  # [B, T, C+R]
+        kv = qdot(x, p.wkv_a, "BTD,DK->BTK")  # [B, T, C+R]
         c_kv = rms_norm(kv[..., :c], p.kv_norm, cfg.rms_norm_eps)  # [B, T, C]
         k_pe = apply_rope(kv[..., c:], positions, cfg)  # [B, T, R]
     return q_nope, q_pe, c_kv, k_pe
@@ -51,13 +52,13 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale:
     Returns [B, T, D].
     """
     with jax.named_scope("attend_naive"):
-        k_nope = dot(c_kv, p.wk_b, "BSC,NHC->BSNH")  # [B, S, N, H]
-        v = dot(c_kv, p.wv_b, "BSC,NCV->BSNV")  # [B, S, N, V]
+        k_nope = qdot(c_kv, p.wk_b, "BSC,NHC->BSNH")  # [B, S, N, H]
+        v = qdot(c_kv, p.wv_b, "BSC,NCV->BSNV")  # [B, S, N, V]
         scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(v.dtype)  # [B, N, T, S]
         o = jnp.einsum("BNTS,BSNV->BTNV", probs, v, preferred_element_type=F32).astype(v.dtype)
-        return dot(o, p.wo, "BTNV,NVD->BTD")
+        return qdot(o, p.wo, "BTNV,NVD->BTD")
 
 
 def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Array, scale: float) -> jax.Array:
@@ -67,13 +68,15 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
     scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
     """
     with jax.named_scope("attend_absorbed"):
-        q_lat = dot(q_nope, p.wk_b, "BTNH,NHC->BTNC")  # [B, T, N, C]
+        # wk_b is contracted over H here, not its reduction axis C: no activation quantization for this product
+        q_lat = jnp.einsum("BTNH,NHC->BTNC", q_nope, weight(p.wk_b, q_nope.dtype),
+                           preferred_element_type=F32).astype(q_nope.dtype)  # [B, T, N, C]
         scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(cache_c.dtype)  # [B, N, T, S]
         o_lat = jnp.einsum("BNTS,BSC->BTNC", probs, cache_c, preferred_element_type=F32).astype(q_nope.dtype)
-        o = dot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
-        return dot(o, p.wo, "BTNV,NVD->BTD")
+        o = qdot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
+        return qdot(o, p.wo, "BTNV,NVD->BTD")
 
 
 def causal_mask(t: int) -> jax.Array:

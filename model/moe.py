@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from model.config import Config
 from model.layers import F32, swiglu
 from model.params import Moe
+from quant.qarray import activation, map_leading, quantizes_activation, weight
 
 
 def route(p: Moe, x: jax.Array, cfg: Config, *, return_scores: bool = False):
@@ -52,17 +53,24 @@ def _expert_view(w: jax.Array, layer) -> tuple[jax.Array, jax.Array | int]:
     """
     if layer is None:
         return w, 0
-    return w.reshape(-1, *w.shape[2:]), layer * w.shape[1]
+    return map_leading(lambda a: a.reshape(-1, *a.shape[2:]), w), layer * w.shape[1]
 
 
 def experts_dense_reference(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
     """All experts for all tokens, combined with the routing weights (zeros elsewhere). x: [T, D] -> [T, D] f32."""
-    we1, we3, we2 = (a if layer is None else a[layer] for a in (p.we1, p.we3, p.we2))
+    we1, we3, we2 = (a if layer is None else map_leading(lambda v: v[layer], a) for a in (p.we1, p.we3, p.we2))
     t, e = x.shape[0], we1.shape[0]
     combine = jnp.zeros((t, e), F32).at[jnp.arange(t)[:, None], idx].add(w)  # [T, E]
-    gate = jnp.einsum("TD,EDM->TEM", x, we1, preferred_element_type=F32)
-    up = jnp.einsum("TD,EDM->TEM", x, we3, preferred_element_type=F32)
-    y = jnp.einsum("TEM,EMD->TED", (jax.nn.silu(gate) * up).astype(x.dtype), we2, preferred_element_type=F32)
+    if quantizes_activation(we1):  # each expert quantizes its input with its own scale
+        xs, spec = activation(jnp.broadcast_to(x, (e, *x.shape)), we1), "ETD,EDM->TEM"
+    else:
+        xs, spec = x, "TD,EDM->TEM"
+    gate = jnp.einsum(spec, xs, weight(we1, x.dtype), preferred_element_type=F32)
+    up = jnp.einsum(spec, xs, weight(we3, x.dtype), preferred_element_type=F32)
+    h = (jax.nn.silu(gate) * up).astype(x.dtype)  # [T, E, M]
+    if quantizes_activation(we2):
+        h = jnp.swapaxes(activation(jnp.swapaxes(h, 0, 1), we2), 0, 1)
+    y = jnp.einsum("TEM,EMD->TED", h, weight(we2, x.dtype), preferred_element_type=F32)
     return jnp.einsum("TED,TE->TD", y, combine)
 
 
@@ -70,11 +78,16 @@ def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
     """Selected experts only, by gathering their weights: reads T*X experts. x: [T, D] -> [T, D] f32."""
     with jax.named_scope("experts_gather"):
         (we1, off), (we3, _), (we2, _) = (_expert_view(a, layer) for a in (p.we1, p.we3, p.we2))
-        w1, w3, w2 = (jnp.take(a, idx + off, axis=0) for a in (we1, we3, we2))  # [T, X, D, M], [T, X, M, D]
-        gate = jnp.einsum("TD,TXDM->TXM", x, w1, preferred_element_type=F32)
-        up = jnp.einsum("TD,TXDM->TXM", x, w3, preferred_element_type=F32)
-        h = (jax.nn.silu(gate) * up).astype(x.dtype)
-        y = jnp.einsum("TXM,TXMD->TXD", h, w2, preferred_element_type=F32)
+        w1, w3, w2 = (map_leading(lambda v: jnp.take(v, idx + off, axis=0), a)
+                      for a in (we1, we3, we2))  # [T, X, D, M], [T, X, M, D]: only the selected experts
+        if quantizes_activation(w1):  # each selected expert quantizes its input with its own scale
+            xs, spec = activation(jnp.broadcast_to(x[:, None], (*idx.shape, x.shape[1])), w1), "TXD,TXDM->TXM"
+        else:
+            xs, spec = x, "TD,TXDM->TXM"
+        gate = jnp.einsum(spec, xs, weight(w1, x.dtype), preferred_element_type=F32)
+        up = jnp.einsum(spec, xs, weight(w3, x.dtype), preferred_element_type=F32)
+        h = activation((jax.nn.silu(gate) * up).astype(x.dtype), w2)
+        y = jnp.einsum("TXM,TXMD->TXD", h, weight(w2, x.dtype), preferred_element_type=F32)
         return jnp.einsum("TXD,TX->TD", y, w)
 
 
@@ -106,10 +119,13 @@ def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, gr
         r0 = starts[e] + (j - item_start[e]) * tile_m
         rows = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile_m)  # [tile, D]
         valid = r0 + jnp.arange(tile_m) < ends[e]
-        a, b, c = (jax.lax.dynamic_index_in_dim(w, expert_offset + e, keepdims=False) for w in (w1, w3, w2))
-        gate = jnp.dot(rows, a, preferred_element_type=F32)
-        up = jnp.dot(rows, b, preferred_element_type=F32)
-        y = jnp.dot((jax.nn.silu(gate) * up).astype(x.dtype), c, preferred_element_type=F32)
+        a, b, c = (map_leading(lambda v: jax.lax.dynamic_index_in_dim(v, expert_offset + e, keepdims=False), w)
+                   for w in (w1, w3, w2))  # one expert's weights (dequantized here when quantized)
+        rows_a = activation(rows, a)
+        gate = jnp.dot(rows_a, weight(a, x.dtype), preferred_element_type=F32)
+        up = jnp.dot(rows_a, weight(b, x.dtype), preferred_element_type=F32)
+        h = activation((jax.nn.silu(gate) * up).astype(x.dtype), c)
+        y = jnp.dot(h, weight(c, x.dtype), preferred_element_type=F32)
         cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(valid[:, None], y, 0.0), r0, 0)
 

@@ -15,13 +15,14 @@ from jax.sharding import PartitionSpec as P
 
 from model.layers import F32
 from model.moe import _tile_rows, grouped_swiglu
+from quant.qarray import map_leading, spec_for
 
 
 def _local_experts(ws, layer, e_local):
     """This device's expert shards as [L*E_local, ...] views (stacked) plus the layer's expert offset."""
     if layer is None:
         return list(ws), 0
-    return [a.reshape(-1, *a.shape[2:]) for a in ws], layer * e_local
+    return [map_leading(lambda v: v.reshape(-1, *v.shape[2:]), a) for a in ws], layer * e_local
 
 
 def experts_ep(we1, we3, we2, x, w, idx, layer, mesh):
@@ -52,7 +53,8 @@ def experts_ep(we1, we3, we2, x, w, idx, layer, mesh):
             return jax.lax.psum(out, ("expert", "tensor"))
 
     layer = jnp.int32(0) if layer is None else layer
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, spec13, spec13, spec2, P()), out_specs=rows,
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, spec_for(spec13, we1), spec_for(spec13, we3),
+                                                       spec_for(spec2, we2), P()), out_specs=rows,
                        check_vma=False)
     return fn(x, w, idx, we1, we3, we2, layer)
 
@@ -104,7 +106,8 @@ def experts_ep_all_to_all(we1, we3, we2, x, w, idx, layer, mesh):
             return jax.lax.psum(out, "tensor")
 
     layer = jnp.int32(0) if layer is None else layer
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, spec13, spec13, spec2, P()), out_specs=rows,
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, spec_for(spec13, we1), spec_for(spec13, we3),
+                                                       spec_for(spec2, we2), P()), out_specs=rows,
                        check_vma=False)
     return fn(x, w, idx, we1, we3, we2, layer)
 
