@@ -234,9 +234,12 @@ def spec_for(spec, w):
     entries = list(spec) + [None] * (w.ndim - len(spec))
     perm = _moved_perm(w.ndim, w.k_axis)
     moved = P(*[entries[i] for i in perm])
-    if w.fmt == "fp8":  # 2-D tiles over flattened output rows: keep the batch axes only
-        moved = P(*entries[:w.batch_ndim], *([None] * (w.n_out + 1)))
-        scales = P(*entries[:w.batch_ndim], None, None)
+    if w.fmt == "fp8":  # 128 x 128 tiles over (flattened output rows, K): rows split by the first output axis
+        out_entries = [entries[i] for i in perm[w.batch_ndim:-1]]
+        if any(e is not None for e in out_entries[1:]):
+            raise ValueError(f"an FP8 weight's tiles flatten its output axes: only the first may be sharded, "
+                             f"got {tuple(spec)}")
+        scales = P(*entries[:w.batch_ndim], out_entries[0] if out_entries else None, entries[perm[-1]])
     else:
         scales = moved
     batch = P(*entries[:w.batch_ndim])

@@ -102,13 +102,47 @@ def _place(x, sharding: NamedSharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def _check_quantized(name: str, w, spec: P, mesh) -> None:
+    """A quantized weight splits over the mesh only at whole scale blocks."""
+    from quant.qarray import spec_for
+
+    qs = spec_for(spec, w)
+    if w.fmt == "fp8":
+        rows = int(np.prod(w.codes.shape[w.batch_ndim:-1]))
+        for what, n, axes in (("output rows", rows, qs.scales[w.batch_ndim]), ("reduction axis", w.k,
+                                                                              qs.scales[w.batch_ndim + 1])):
+            size = _mesh_size(mesh, axes)
+            if size > 1 and (n % size or (n // size) % 128):
+                raise ValueError(f"{name}: FP8 128x128 tiles cannot be split over mesh axes {axes} of size {size}: "
+                                 f"{what} {n} / {size} is not a multiple of 128")
+    for what, arr, sp in (("codes", w.codes, qs.codes), ("scales", w.scales, qs.scales)):
+        for dim, (n, axes) in enumerate(zip(arr.shape, sp)):
+            size = _mesh_size(mesh, axes)
+            if n % size:
+                raise ValueError(f"{name}: the {w.fmt} {what} {tuple(arr.shape)} cannot be split over mesh axes "
+                                 f"{axes} of size {size} along dim {dim}: shards must hold whole scale blocks")
+
+
 def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
+    """Place parameters by the rules; quantized weights (quant.QArray) place their codes, scales and per-tensor
+    scalars by the logical weight's spec (quant.qarray.spec_for)."""
+    from quant.qarray import is_qarray, spec_for
+
     mesh = getattr(mesh, "mesh", mesh)
     check_divisible(cfg, mesh, rules)
     specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
-    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), params, specs)
+
+    def place(path, s, x):
+        if is_qarray(x):
+            _check_quantized(jax.tree_util.keystr(path), x, s, mesh)
+            return jax.tree.map(lambda a, sa: _place(a, NamedSharding(mesh, sa)), x, spec_for(s, x))
+        return _place(x, NamedSharding(mesh, s))
+    return jax.tree_util.tree_map_with_path(place, specs, params, is_leaf=lambda s: isinstance(s, P))
 
 
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
     mesh = getattr(mesh, "mesh", mesh)
-    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), cache, cache_specs(rules))
+    specs = cache_specs(rules)
+    if cache.kv_scale is not None:
+        specs = specs.replace(kv_scale=P())
+    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), cache, specs)

@@ -1,0 +1,166 @@
+"""Quantized models: every recipe runs prefill and decode (unsharded and sharded) with logits close to the
+unquantized model, within a tolerance derived from the format's own error; calibration; the FP8 latent cache;
+orbax round trip of a quantized parameter tree."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import fresh_jit_caches
+from model import decode_step, init_cache, prefill
+from model.checkpoint import load_checkpoint
+from model.data import problems, stdlib_corpus
+from model.tokenizer import ByteTokenizer
+from quant import RECIPES, formats as F, get_recipe, quantize_params, weight_bytes
+from quant.calibrate import calibrate
+from quant.qarray import QArray
+
+BUNDLED = Path(__file__).resolve().parents[1] / "model" / "bundled" / "checkpoint"
+# relative error of one quantize-dequantize on Gaussian data, 10^(-SQNR/20): FP8 31.5 dB, NVFP4 20.4, MXFP4 18.8
+FORMAT_REL_ERR = {"fp8": 0.027, "nvfp4": 0.095, "mxfp4": 0.115}
+
+
+def tolerance(recipe) -> float:
+    """Relative RMS error allowed on the logits: twice the format's error, times sqrt(2) when activations are
+    quantized too (two independent errors per matmul)."""
+    r = get_recipe(recipe)
+    return 2 * FORMAT_REL_ERR[r.weight_fmt] * (np.sqrt(2) if r.act else 1.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    params, cfg, _ = load_checkpoint(BUNDLED)
+    tok = ByteTokenizer(cfg.vocab_size)
+    corpus = stdlib_corpus()
+    calib_seqs = ([tok.encode(corpus.train[i * 7919:i * 7919 + 95], add_bos=True) for i in range(4)]
+                  + [tok.encode(p.text(), add_bos=True) for p in problems(np.random.default_rng(5), 4, heldout=False)])
+    calib = calibrate(params, cfg, calib_seqs)
+    texts = [corpus.heldout[1000:1060], problems(np.random.default_rng(7), 1, heldout=True)[0].text()[:48]]
+    ids = [tok.encode(t, add_bos=True) for t in texts]
+    tokens = np.zeros((2, max(map(len, ids))), np.int32)
+    for i, s in enumerate(ids):
+        tokens[i, :len(s)] = s
+    return params, cfg, calib, tokens, np.array([len(s) for s in ids])
+
+
+def run(params, cfg, tokens, lengths, kv_scale=None, mesh=None):
+    """Prefill logits at every real position, then 3 decode steps: [positions, V]."""
+    cache = init_cache(cfg, 2, tokens.shape[1] + 4, kv_scale=kv_scale)
+    if mesh is not None:
+        from sharding import shard_cache, shard_params
+        params, cache = shard_params(params, cfg, mesh), shard_cache(cache, mesh)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg=cfg, all_logits=True, mesh=mesh)
+    rows = [np.asarray(logits)[b, :lengths[b]] for b in range(2)]
+    for i in range(3):
+        step, cache = decode_step(params, cache, tokens[:, i], cfg=cfg, mesh=mesh)
+        rows.append(np.asarray(step))
+    return np.concatenate(rows)
+
+
+def rel_rms(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n != "bf16"] + ["nvfp4_w4a4+attn", "fp8_w8a8+kv_fp8"])
+def test_recipe_close_to_unquantized(model, name):
+    params, cfg, calib, tokens, lengths = model
+    r = get_recipe(name)
+    ref = run(params, cfg, tokens, lengths)
+    qp = quantize_params(params, name, calib)
+    err = rel_rms(run(qp, cfg, tokens, lengths, calib["kv"] if r.kv_fp8 else None), ref)
+    assert 1e-4 < err < tolerance(name), (name, err, tolerance(name))  # quantized (not a no-op), and close
+    assert weight_bytes(qp) < weight_bytes(params)
+
+
+def test_wrong_nibble_order_fails(model, monkeypatch):
+    """The twin: reading the packed codes with the nibbles swapped must break the tolerance."""
+    params, cfg, calib, tokens, lengths = model
+    ref = run(params, cfg, tokens, lengths)
+    qp = quantize_params(params, "nvfp4_w4a16", calib)
+    swapped = lambda p: jnp.stack([p >> 4, p & 15], -1).reshape(*p.shape[:-1], -1)  # noqa: E731
+    monkeypatch.setattr(F, "unpack_nibbles", swapped)
+    fresh_jit_caches()
+    err = rel_rms(run(qp, cfg, tokens, lengths), ref)
+    monkeypatch.undo()
+    fresh_jit_caches()
+    assert err > tolerance("nvfp4_w4a16"), err
+
+
+def test_recipe_structure(model):
+    """r1_fp4 quantizes exactly the published linears: MLPs and experts; attention, head, embedding, router, MTP
+    untouched; gate and up share one tensor scale per matrix."""
+    params, cfg, calib, _, _ = model
+    q = quantize_params(params, "r1_fp4", calib)
+    moe, dense = q.moe_layers.ffn, q.dense_layers.ffn
+    for w in (moe.we1, moe.we3, moe.we2, moe.shared.w1, moe.shared.w2, dense.w1, dense.w3, dense.w2):
+        assert isinstance(w, QArray) and w.fmt == "nvfp4" and w.act == "nvfp4" and w.input_scale is not None
+    np.testing.assert_array_equal(np.asarray(moe.we1.tensor_scale), np.asarray(moe.we3.tensor_scale))
+    np.testing.assert_array_equal(np.asarray(moe.we1.input_scale), np.asarray(moe.we3.input_scale))
+    assert moe.we1.tensor_scale.shape == (cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.n_routed_experts)
+    untouched = [q.embed, q.lm_head, moe.w_router, moe.e_bias, *jax.tree.leaves(q.moe_layers.attn),
+                 *jax.tree.leaves(q.mtp)]
+    assert not any(isinstance(x, QArray) for x in untouched)
+    assert get_recipe("r1_fp4").kv_fp8
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("nvfp3")
+    with pytest.raises(ValueError, match="modifier"):
+        get_recipe("r1_fp4+bogus")
+
+
+def test_calibration_covers_observed_activations(model):
+    params, cfg, calib, _, _ = model
+    amax = calib["amax"]
+    assert amax["routed/in"].shape == (cfg.num_hidden_layers - 1, cfg.n_routed_experts)
+    assert (amax["routed/in"] > 0).all() and (amax["attn_moe_layers/wo"] > 0).all()
+    s_in, _ = calib["routed"]
+    np.testing.assert_allclose(np.asarray(s_in), 2 * amax["routed/in"] / (6 * 448), rtol=1e-6)  # 2x margin
+    assert calib["kv"].shape == (cfg.num_hidden_layers, 2)
+
+
+def test_fp8_cache_holds_e4m3(model):
+    params, cfg, calib, tokens, lengths = model
+    cache = init_cache(cfg, 2, tokens.shape[1] + 4, kv_scale=calib["kv"])
+    _, cache = prefill(params, cache, tokens, lengths, cfg=cfg)
+    assert cache.c_kv.dtype == np.dtype("float8_e4m3fn") and cache.kv_scale is not None
+    assert cache.c_kv.nbytes * 2 == init_cache(cfg, 2, tokens.shape[1] + 4, dtype=np.float16).c_kv.nbytes
+
+
+@pytest.mark.parametrize("mesh_spec,name", [("expert=4,tensor=2", "r1_fp4"), ("expert=8", "mxfp4_w4a4"),
+                                            ("expert=8", "fp8_w8a8+kv_fp8")])
+def test_sharded_quantized_equals_unsharded(model, mesh_spec, name):
+    from sharding import make_mesh
+    params, cfg, calib, tokens, lengths = model
+    r = get_recipe(name)
+    qp = quantize_params(params, name, calib)
+    kv = calib["kv"] if r.kv_fp8 else None
+    single = run(qp, cfg, tokens, lengths, kv)
+    sharded = run(qp, cfg, tokens, lengths, kv, mesh=make_mesh(mesh_spec))
+    assert rel_rms(sharded, single) < 1e-4, rel_rms(sharded, single)
+
+
+def test_shard_errors_name_the_block_constraint(model):
+    from sharding import make_mesh, shard_params
+    params, cfg, calib, _, _ = model
+    qp = quantize_params(params, "mxfp4_w4a16", calib)  # expert width 96 = 3 blocks of 32: not splittable by 2
+    with pytest.raises(ValueError, match="whole scale blocks"):
+        shard_params(qp, cfg, make_mesh("expert=4,tensor=2"))
+    fp8 = quantize_params(params, "fp8_w8a8", calib)
+    with pytest.raises(ValueError, match="128"):
+        shard_params(fp8, cfg, make_mesh("expert=4,tensor=2"))
+
+
+def test_quantized_tree_orbax_roundtrip(model, tmp_path):
+    import orbax.checkpoint as ocp
+    params, cfg, calib, _, _ = model
+    qp = quantize_params(params, "r1_fp4", calib)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "q", qp)
+    ckptr.wait_until_finished()
+    back = ckptr.restore(tmp_path / "q", jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), qp))
+    assert jax.tree.structure(back) == jax.tree.structure(qp)
+    for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
