@@ -37,7 +37,8 @@ def _sample_one(logits, step, sp):
     return sample(logits, step_keys(sp.seed, jnp.zeros(1, jnp.int32), step), sp)
 
 
-def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None):
+def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
+                    kv_scale=None):
     """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
 
     Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
@@ -52,7 +53,7 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
         return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
-    logits, cache = _prefill(params, init_cache(cfg, 1, max_len), tokens, lengths, cfg=cfg)
+    logits, cache = _prefill(params, init_cache(cfg, 1, max_len, kv_scale=kv_scale), tokens, lengths, cfg=cfg)
     tok = sample_fn(logits, 0)
     first = int(tok[0])
     t_first = time.perf_counter() - t0
@@ -82,7 +83,14 @@ def generate_main(argv=None):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipe", default="bf16", help="quantization recipe, e.g. r1_fp4, nvfp4_w4a16, fp8_w8a8, "
+                    "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
     args = ap.parse_args(argv)
+    from quant.recipes import get_recipe
+    try:
+        recipe = get_recipe(args.recipe)
+    except ValueError as e:
+        ap.error(str(e))
     if args.max_new_tokens < 0:
         ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -95,11 +103,21 @@ def generate_main(argv=None):
     if args.max_new_tokens == 0:
         print(args.prompt)
         return
+    kv_scale = None
+    if recipe.weight_fmt is not None:
+        from quant.recipes import quantize_params
+        calib = None
+        if (recipe.act and recipe.weight_fmt == "nvfp4") or recipe.kv_fp8:  # static scales need calibration
+            from quant.calibrate import calibrate
+            from quant.evaluate import calibration_sequences
+            calib = calibrate(params, cfg, calibration_sequences(tok))
+            kv_scale = calib["kv"] if recipe.kv_fp8 else None
+        params = quantize_params(params, recipe, calib)
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
-                    max_len=max_len)
+                    max_len=max_len, kv_scale=kv_scale)
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -108,7 +126,8 @@ def generate_main(argv=None):
         if i != tok.eos_id:
             print(decode(i), end="", flush=True)
     ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
-                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len)
+                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len,
+                                           kv_scale=kv_scale)
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)

@@ -99,7 +99,7 @@ class Problem:
     @property
     def worked(self) -> str:
         """A worked answer done digit by digit from the ones up, as on paper, each step one small fact with its
-        carry or borrow, ending in 'so <a> <op> <b> = <answer>' (exact match reads what follows the last '=').
+        carry or borrow, ending in 'answer = <answer>' (exact match reads what follows the last '=').
         The answer is then a copy: the last step's result followed by the earlier steps' last digits."""
         a, b = self.a, self.b
         if self.kind in ("add2", "add3"):
@@ -108,18 +108,18 @@ class Problem:
                 x, y = a // p % 10, b // p % 10
                 steps.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {x + y + carry}")
                 carry = (x + y + carry) // 10
-            return f"{a} + {b}: " + ", ".join(steps) + f", so {a} + {b} = {self.answer}"
+            return f"{a} + {b}: " + ", ".join(steps) + f", answer = {self.answer}"
         if self.kind == "sub2":
             (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
             if a0 >= b0:
                 steps = [f"{a0} - {b0} = {a0 - b0}", f"{a1} - {b1} = {a1 - b1}"]
             else:
                 steps = [f"1{a0} - {b0} = {10 + a0 - b0}", f"{a1} - 1 - {b1} = {a1 - 1 - b1}"]
-            return f"{a} - {b}: " + ", ".join(steps) + f", so {a} - {b} = {self.answer}"
+            return f"{a} - {b}: " + ", ".join(steps) + f", answer = {self.answer}"
         b1, b0 = divmod(b, 10)
         carry = a * b0 // 10
         steps = [f"{a} * {b0} = {a * b0}", f"{a} * {b1}" + (f" + {carry}" if carry else "") + f" = {a * b1 + carry}"]
-        return f"{a} * {b}: " + ", ".join(steps) + f", so {a} * {b} = {self.answer}"
+        return f"{a} * {b}: " + ", ".join(steps) + f", answer = {self.answer}"
 
     def prompt(self) -> str:
         return f"{self.question}\nAnswer:"
@@ -144,7 +144,7 @@ def random_problem(rng: np.random.Generator, kind: str) -> Problem:
     return Problem(kind, int(a), int(b), NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))])
 
 
-TRAIN_MIX = {"add2": 0.4, "sub2": 0.2, "add3": 0.2, "mul": 0.2}
+TRAIN_MIX = {"add2": 0.45, "sub2": 0.2, "add3": 0.15, "mul": 0.2}
 
 
 def problems(rng: np.random.Generator, n: int, *, heldout: bool, kinds=KINDS) -> list[Problem]:

@@ -48,15 +48,16 @@ def unigram_bits_per_byte(train: str, heldout: str) -> float:
     return float(-np.log2(p[held]).mean())
 
 
-def arithmetic_accuracy(params, cfg: Config, tok, n: int, seed: int = 1234, kinds=KINDS) -> dict[str, float]:
-    """Greedy exact match of the final answer on held-out problems, per kind."""
+def arithmetic_accuracy(params, cfg: Config, tok, n: int, seed: int = 1234, kinds=KINDS,
+                        kv_scale=None) -> dict[str, float]:
+    """Greedy exact match of the final answer on held-out problems, per kind (kv_scale: an FP8 latent cache)."""
     rng = np.random.default_rng(seed)
     newline = tok.encode("\n")[0]
     out = {}
     for kind in kinds:
         probs = problems(rng, n, heldout=True, kinds=(kind,))
         prompts = [tok.encode(p.prompt(), add_bos=True) for p in probs]
-        res = generate(params, cfg, prompts, max_new_tokens=96, stop_tokens=[newline, tok.eos_id])
+        res = generate(params, cfg, prompts, max_new_tokens=96, stop_tokens=[newline, tok.eos_id], kv_scale=kv_scale)
         correct = 0
         for p, ids in zip(probs, res.sequences()):
             text = tok.decode(ids)

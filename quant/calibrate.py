@@ -11,6 +11,7 @@ block scales at run time, over-estimating it costs almost nothing (see docs/quan
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -69,6 +70,10 @@ def calibrate(params: Params, cfg: Config, sequences, *, margin: float = 2.0) ->
     s_hid [Lm, E]), "attn_<stack>": {name: [L]}, "kv": [L, 2] (c_kv, k_pe amax / 448)}, plus "amax" (raw)."""
     if not sequences:
         raise ValueError("calibration needs at least one sequence")
+    # float32 whatever the serving dtype: amax barely depends on it, and XLA:CPU has no batched bf16 x bf16 -> f32
+    # dot for the gather path
+    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    cfg = dataclasses.replace(cfg, dtype="float32")
     probed, keys = _probed(params)
     seen: dict[float, float] = {}
 

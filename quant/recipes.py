@@ -200,11 +200,17 @@ def quantize_params(params: Params, recipe: str | Recipe, input_scales: dict | N
     return out
 
 
-def weight_bytes(params) -> int:
-    """Bytes of every parameter as stored (QArrays: packed codes + scales)."""
+def weight_bytes(params, float_itemsize: int | None = None) -> int:
+    """Bytes of every parameter as stored (QArrays: packed codes + scales); float_itemsize counts unquantized
+    floating-point matrices at that width (2: as BF16) instead of their dtype's."""
     total = 0
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
-        total += leaf.nbytes if isinstance(leaf, QArray) else leaf.size * leaf.dtype.itemsize
+        if isinstance(leaf, QArray):
+            total += leaf.nbytes
+        elif float_itemsize and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim > 1:
+            total += leaf.size * float_itemsize
+        else:
+            total += leaf.size * leaf.dtype.itemsize
     return int(total)
 
 

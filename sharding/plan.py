@@ -9,6 +9,8 @@ Byte-accounting recipes (the quantizers themselves live in quant/):
 - "nvfp4": NVIDIA's published DeepSeek-R1-FP4 recipe: dense-MLP, shared- and routed-expert linears in NVFP4
   (4.5 bits), MLA projections bf16, embeddings/head/router bf16, the MTP layer as released (fp8);
 - "nvfp4_experts": routed experts NVFP4, every other linear fp8 as released.
+Any recipe of quant/recipes.py is accepted too ("r1_fp4", "mxfp4_w4a4", "nvfp4_w4a16+attn", ...): its groups in
+its format, every other linear bf16 (the emulation leaves them in the model dtype), an FP8 cache with "+kv_fp8".
 """
 
 from __future__ import annotations
@@ -50,10 +52,19 @@ def _component(path: str) -> str:
     return "norms"
 
 
-def _bytes_per_param(info, component: str, path: str, recipe: str) -> float:
+_GROUP = {"dense_mlp": "dense_mlp", "shared_experts": "shared", "routed_experts": "routed", "attention": "attn"}
+_FORMAT_BYTES = {"nvfp4": NVFP4, "mxfp4": MXFP4, "fp8": FP8_BLOCK}
+
+
+def _bytes_per_param(info, component: str, path: str, recipe) -> float:
     if path.endswith("e_bias"):
         return 4.0
     is_linear = len([a for a in info.logical_axes if a not in ("layers", "experts")]) >= 2
+    if not isinstance(recipe, str):  # a quant.recipes.Recipe
+        group = _GROUP.get(component)
+        in_recipe = group in recipe.groups or (path.endswith(".attn.wo") and "attn_o" in recipe.groups)
+        quantized = is_linear and component != "mtp" and recipe.weight_fmt is not None and in_recipe
+        return _FORMAT_BYTES[recipe.weight_fmt] if quantized else 2.0
     if recipe == "bf16" or not is_linear or component in ("embeddings", "router") or "w_router" in path:
         return 2.0
     if recipe == "fp8" or component == "mtp":
@@ -66,8 +77,16 @@ def _bytes_per_param(info, component: str, path: str, recipe: str) -> float:
 def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80.0, reserve_frac: float = 0.08,
          rules: ShardingRules = ShardingRules()) -> dict:
     """Per-device bytes by component (the largest shard; all devices hold equal shards under these rules)."""
+    kv_dtype = np.dtype("bfloat16")
+    accounting = recipe
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {RECIPES}")
+        from quant.recipes import get_recipe
+        try:
+            accounting = get_recipe(recipe)
+        except ValueError:
+            raise ValueError(f"unknown recipe {recipe!r}; choose from {RECIPES} or a quant recipe "
+                             f"(quant/recipes.py)") from None
+        kv_dtype = np.dtype("float8_e4m3fn") if accounting.kv_fp8 else kv_dtype
     check_divisible(cfg, mesh, rules)
     infos = param_infos(cfg, with_mtp=cfg.num_nextn_predict_layers > 0)
     per_component: dict[str, float] = {}
@@ -76,7 +95,7 @@ def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80
         name = jax.tree_util.keystr(path)
         comp = _component(name)
         shard = NamedSharding(mesh, rules.spec(info.logical_axes)).shard_shape(info.shape)
-        bpp = _bytes_per_param(info, comp, name, recipe)
+        bpp = _bytes_per_param(info, comp, name, accounting)
         per_component[comp] = per_component.get(comp, 0.0) + math.prod(shard) * bpp
         total_global += math.prod(info.shape) * bpp
         mtp_global += math.prod(info.shape) * bpp if comp == "mtp" else 0.0
@@ -85,11 +104,11 @@ def plan(cfg: Config, mesh, *, recipe: str = "fp8", device_memory_gb: float = 80
     mem = device_memory_gb * 1e9
     free = mem * (1 - reserve_frac) - weights
     sizes = mesh_sizes(mesh)
-    kv_token = cache_bytes_per_token(cfg, np.dtype("bfloat16"))  # replicated over expert x tensor, split over data
+    kv_token = cache_bytes_per_token(cfg, kv_dtype)  # replicated over expert x tensor, split over data
     return {"recipe": recipe, "mesh": sizes, "device_memory_gb": device_memory_gb, "per_device": per_component,
             "weights_per_device": weights, "weights_total": total_global, "weights_main_model": main_total,
             "reserve_frac": reserve_frac,
-            "kv_bytes_per_token": kv_token,
+            "kv_bytes_per_token": kv_token, "kv_dtype": "fp8" if kv_dtype.itemsize == 1 else "bf16",
             "kv_tokens_per_data_shard": max(0, int(free // kv_token)),
             "kv_tokens_total": max(0, int(free // kv_token)) * sizes["data"], "fits": free > 0}
 
@@ -103,7 +122,7 @@ def format_plan(p: dict) -> str:
             lines.append(f"{k:16} {p['per_device'][k] / gb:10.2f}")
     lines += [f"{'total':16} {p['weights_per_device'] / gb:10.2f}   (all devices: {p['weights_total'] / gb:.1f} GB; "
               f"main model without MTP {p['weights_main_model'] / gb:.1f} GB)",
-              f"KV cache: {p['kv_bytes_per_token']:,} B/token (bf16 latent, 61 layers), room for "
+              f"KV cache: {p['kv_bytes_per_token']:,} B/token ({p['kv_dtype']} latent, 61 layers), room for "
               f"{p['kv_tokens_total']:,} tokens after a {p['reserve_frac']:.0%} reserve",
               f"fits: {'yes' if p['fits'] else 'NO'}"]
     return "\n".join(lines)

@@ -30,3 +30,22 @@ def test_compile_decode_reports_memory_and_collectives():
     mem, collectives, secs = compile_decode(TINY, make_mesh("expert=4,tensor=2"), batch=2, max_len=32)
     assert mem.argument_size_in_bytes > 0
     assert collectives["all-reduce"] > 0  # the expert-parallel psum at least
+
+
+def test_plan_accepts_quant_recipes():
+    """The published NVFP4 recipe with BF16 attention comes to ~396 GB for the main model, FP8 to ~673 GB; the FP8
+    cache halves the bytes per token."""
+    from model.config import R1_671B
+    from sharding import make_mesh
+    from sharding.plan import plan
+
+    mesh = make_mesh("expert=8")
+    r1 = plan(R1_671B, mesh, recipe="r1_fp4", device_memory_gb=180)
+    fp8 = plan(R1_671B, mesh, recipe="fp8_w8a8", device_memory_gb=180)
+    assert abs(r1["weights_main_model"] / 1e9 - 396.7) < 1.0
+    assert abs(fp8["weights_main_model"] / 1e9 - 673.2) < 1.0
+    assert r1["kv_bytes_per_token"] * 2 == fp8["kv_bytes_per_token"]
+    more = plan(R1_671B, mesh, recipe="r1_fp4+attn", device_memory_gb=180)
+    assert more["weights_main_model"] < r1["weights_main_model"]
+    with pytest.raises(ValueError, match="unknown recipe"):
+        plan(R1_671B, mesh, recipe="int3")

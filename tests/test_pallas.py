@@ -1,0 +1,171 @@
+"""Pallas kernels: interpret-mode equivalence with their plain-jnp references on random inputs and edge cases,
+every output element written (interpret mode fills unwritten outputs with NaN: the poison), clear errors for
+unsupported shapes, and lowering for CUDA at production tile sizes in bf16 on this CPU-only machine.
+
+Tolerances: float32 inputs 1e-5 relative to the output's scale (reordered f32 sums); bf16 inputs 2e-2 (bf16
+products, f32 accumulation); quantized weights are dequantized exactly, so they get the float32 tolerance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
+from pallas_kernels.mla_prefill import mla_prefill, mla_prefill_reference
+from quant.qarray import quantize
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _rand(rng, shape, dtype=jnp.float32, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def _close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any(), "an output element was never written (NaN poison)"
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+    assert err <= TOL[dtype], err
+
+
+def test_interpret_mode_poisons_unwritten_outputs():
+    """The premise of the NaN checks: a kernel that skips a block leaves NaN there."""
+    def k(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+    y = pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct((4, 8), jnp.float32), grid=(2,),
+                       in_specs=[pl.BlockSpec((2, 8), lambda i: (i, 0))],
+                       out_specs=pl.BlockSpec((2, 8), lambda i: (i, 0)), interpret=True)(jnp.ones((4, 8)))
+    assert np.isnan(np.asarray(y)[2:]).all()
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 37, 20], [0, 0, 64, 0], [1, 1, 1, 1], [16, 16, 16, 16]])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_matmul_matches_reference(sizes, dtype):
+    rng = np.random.default_rng(sum(sizes))
+    g, k, n = len(sizes), 64, 32
+    m = sum(sizes) + 3  # rows past the groups' sum come back as zeros
+    x, w = _rand(rng, (m, k), dtype), _rand(rng, (g, k, n), dtype, 0.2)
+    gs = jnp.array(sizes, jnp.int32)
+    y = grouped_matmul(x, w, gs, bm=16, bn=16, bk=32, interpret=True)
+    _close(y, grouped_matmul_reference(x, w, gs), dtype)
+    assert np.all(np.asarray(y[sum(sizes):]) == 0)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_grouped_matmul_fp4_dequantizes_in_kernel(fmt):
+    rng = np.random.default_rng(3)
+    g, k, n, sizes = 3, 64, 32, [9, 0, 30]
+    x = _rand(rng, (sum(sizes), k))
+    w1, w3 = (quantize(_rand(rng, (g, k, n), scale=0.1), fmt, k_axis=-2, batch_ndim=1) for _ in range(2))
+    gs = jnp.array(sizes, jnp.int32)
+    _close(grouped_matmul(x, w1, gs, bm=16, bn=16, bk=32, interpret=True),
+           grouped_matmul_reference(x, w1, gs), jnp.float32)
+    _close(grouped_matmul(x, w1, gs, w3, bm=16, bn=16, bk=32, interpret=True),  # fused gate/up SwiGLU
+           grouped_matmul_reference(x, w1, gs, w3), jnp.float32)
+
+
+def test_grouped_matmul_fp8_tiles():
+    rng = np.random.default_rng(4)
+    g, k, n, sizes = 2, 256, 128, [20, 13]
+    x = _rand(rng, (sum(sizes), k))
+    w = quantize(_rand(rng, (g, k, n), scale=0.1), "fp8", k_axis=-2, batch_ndim=1)
+    gs = jnp.array(sizes, jnp.int32)
+    _close(grouped_matmul(x, w, gs, bm=16, bn=128, bk=128, interpret=True), grouped_matmul_reference(x, w, gs),
+           jnp.float32)
+
+
+def test_grouped_matmul_bad_shapes():
+    x, w, gs = jnp.ones((8, 48)), jnp.ones((2, 48, 32)), jnp.array([4, 4])
+    with pytest.raises(ValueError, match="K=48 must be a multiple of bk=32"):
+        grouped_matmul(x, w, gs, bm=16, bn=16, bk=32, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        grouped_matmul(jnp.ones((8, 64)), jnp.ones((2, 64, 32)), gs, bm=24, bn=16, bk=32, interpret=True)
+
+
+@pytest.mark.parametrize("lengths,splits", [([1, 100, 256], 1), ([1, 100, 256], 4), ([17, 5, 33], 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mla_decode_matches_reference(lengths, splits, dtype):
+    """Lengths not a multiple of the chunk, a single token, the longest shorter than the cache (empty splits)."""
+    rng = np.random.default_rng(len(lengths) + splits)
+    b, n, c, r, s = 3, 32, 64, 16, 256
+    q, qp = _rand(rng, (b, n, c), dtype), _rand(rng, (b, n, r), dtype)
+    ck, kr = _rand(rng, (b, s, c), dtype), _rand(rng, (b, s, r), dtype)
+    lens = jnp.array(lengths)
+    got = mla_decode(q, qp, ck, kr, lens, sm_scale=0.1, bh=16, bt=32, splits=splits, interpret=True)
+    _close(got, mla_decode_reference(q, qp, ck, kr, lens, sm_scale=0.1), dtype)
+
+
+def test_mla_decode_fp8_cache():
+    rng = np.random.default_rng(9)
+    b, n, c, r, s = 2, 16, 64, 16, 128
+    q, qp = _rand(rng, (b, n, c)), _rand(rng, (b, n, r))
+    ks = jnp.array([0.02, 0.05], jnp.float32)
+    ck = (_rand(rng, (b, s, c)) / ks[0]).astype(jnp.float8_e4m3fn)
+    kr = (_rand(rng, (b, s, r)) / ks[1]).astype(jnp.float8_e4m3fn)
+    lens = jnp.array([128, 70])
+    got = mla_decode(q, qp, ck, kr, lens, sm_scale=0.1, kv_scale=ks, bh=16, bt=32, splits=2, interpret=True)
+    _close(got, mla_decode_reference(q, qp, ck, kr, lens, sm_scale=0.1, kv_scale=ks), jnp.float32)
+
+
+def test_mla_decode_bad_shapes():
+    q, qp = jnp.ones((1, 24, 64)), jnp.ones((1, 24, 16))
+    with pytest.raises(ValueError, match="not a multiple of bh"):
+        mla_decode(q, qp, jnp.ones((1, 64, 64)), jnp.ones((1, 64, 16)), jnp.array([3]), sm_scale=1.0, bh=16, bt=32)
+    with pytest.raises(ValueError, match="power of two"):
+        mla_decode(jnp.ones((1, 16, 576)), qp[:, :16], jnp.ones((1, 64, 576)), jnp.ones((1, 64, 16)), jnp.array([3]),
+                   sm_scale=1.0, bh=16, bt=32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mla_prefill_matches_reference(dtype):
+    rng = np.random.default_rng(11)
+    b, t, n, h, r, v = 2, 64, 4, 32, 16, 32
+    args = (_rand(rng, (b, t, n, h), dtype), _rand(rng, (b, t, n, r), dtype), _rand(rng, (b, t, n, h), dtype),
+            _rand(rng, (b, t, r), dtype), _rand(rng, (b, t, n, v), dtype))
+    lens = jnp.array([64, 37])  # ragged: one prompt ends mid-block
+    got = mla_prefill(*args, lens, sm_scale=0.15, bq=16, bk=16, interpret=True)
+    _close(got, mla_prefill_reference(*args, lens, sm_scale=0.15), dtype)
+
+
+def test_mla_prefill_bad_shapes():
+    x = jnp.ones((1, 48, 2, 32))
+    with pytest.raises(ValueError, match="multiple of bq"):
+        mla_prefill(x, jnp.ones((1, 48, 2, 16)), x, jnp.ones((1, 48, 16)), x, jnp.array([48]), sm_scale=1.0, bq=32,
+                    bk=32)
+
+
+# ---- lowering for CUDA (Triton), DeepSeek-V3's real sizes for one layer, bf16 --------------------------------
+
+def _cuda(fn, *specs):
+    lowered = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text().lower()
+
+
+def test_grouped_matmul_lowers_for_cuda():
+    sd, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    x, w, gs = sd((512, 7168), bf), sd((256, 7168, 2048), bf), sd((256,), jnp.int32)
+    _cuda(lambda x, w, g: grouped_matmul(x, w, g, bm=64, bn=128, bk=64), x, w, gs)
+    q = jax.eval_shape(lambda w: quantize(w, "nvfp4", k_axis=-2, batch_ndim=1), w)
+    _cuda(lambda x, a, b, g: grouped_matmul(x, a, g, b, bm=64, bn=128, bk=64), x, q, q, gs)
+    m = jax.eval_shape(lambda w: quantize(w, "mxfp4", k_axis=-2, batch_ndim=1), w)
+    _cuda(lambda x, a, g: grouped_matmul(x, a, g, bm=64, bn=128, bk=64), x, m, gs)
+    f8 = jax.eval_shape(lambda w: quantize(w, "fp8", k_axis=-2, batch_ndim=1), w)
+    _cuda(lambda x, a, g: grouped_matmul(x, a, g, bm=64, bn=128, bk=128), x, f8, gs)
+
+
+def test_mla_kernels_lower_for_cuda():
+    sd, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    b, n, s = 32, 128, 4096
+    _cuda(lambda q, qp, c, r, l: mla_decode(q, qp, c, r, l, sm_scale=0.1, bh=16, bt=64, splits=8),
+          sd((b, n, 512), bf), sd((b, n, 64), bf), sd((b, s, 512), bf), sd((b, s, 64), bf), sd((b,), jnp.int32))
+    e4 = jnp.float8_e4m3fn
+    _cuda(lambda q, qp, c, r, l, k: mla_decode(q, qp, c, r, l, sm_scale=0.1, kv_scale=k, bh=16, bt=64, splits=8),
+          sd((b, n, 512), bf), sd((b, n, 64), bf), sd((b, s, 512), e4), sd((b, s, 64), e4), sd((b,), jnp.int32),
+          sd((2,), jnp.float32))
+    t = 1024
+    _cuda(lambda *a: mla_prefill(*a, sm_scale=0.1, bq=64, bk=64), sd((2, t, n, 128), bf), sd((2, t, n, 64), bf),
+          sd((2, t, n, 128), bf), sd((2, t, 64), bf), sd((2, t, n, 128), bf), sd((2,), jnp.int32))
