@@ -38,7 +38,7 @@ def _sample_one(logits, step, sp):
 
 
 def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
-                    kv_scale=None):
+                    kv_scale=None, backend="xla"):
     """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
 
     Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
@@ -53,7 +53,8 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
         return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
-    logits, cache = _prefill(params, init_cache(cfg, 1, max_len, kv_scale=kv_scale), tokens, lengths, cfg=cfg)
+    logits, cache = _prefill(params, init_cache(cfg, 1, max_len, kv_scale=kv_scale), tokens, lengths, cfg=cfg,
+                             backend=backend)
     tok = sample_fn(logits, 0)
     first = int(tok[0])
     t_first = time.perf_counter() - t0
@@ -62,7 +63,7 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
     t1 = time.perf_counter()
     step = 1
     while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
-        logits, cache = _decode(params, cache, tok, cfg=cfg)
+        logits, cache = _decode(params, cache, tok, cfg=cfg, backend=backend)
         tok = sample_fn(logits, step)
         ids.append(int(tok[0]))
         on_token(ids[-1])
@@ -85,6 +86,8 @@ def generate_main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe", default="bf16", help="quantization recipe, e.g. r1_fp4, nvfp4_w4a16, fp8_w8a8, "
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
+    ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
+                    help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
     args = ap.parse_args(argv)
     from quant.recipes import get_recipe
     try:
@@ -117,7 +120,7 @@ def generate_main(argv=None):
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
-                    max_len=max_len, kv_scale=kv_scale)
+                    max_len=max_len, kv_scale=kv_scale, backend=args.backend)
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -127,7 +130,7 @@ def generate_main(argv=None):
             print(decode(i), end="", flush=True)
     ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
                                            sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len,
-                                           kv_scale=kv_scale)
+                                           kv_scale=kv_scale, backend=args.backend)
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)

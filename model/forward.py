@@ -21,14 +21,15 @@ from model.params import Layer, Moe, Params
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
-          layer=None, train: bool = False, mesh=None, kv_scale=None):
+          layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla"):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
     decode writes them at each sequence's position and attends in the absorbed form against the cache. Without
     a cache (training) nothing is written. layer: for MoE layers inside the scan, the layer index into whole
     [L, E, ...] expert stacks. train: differentiable experts, and the MoE's (load, balance) stats are returned.
-    kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8.
+    kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8. backend: "xla" or "pallas" (attention
+    and routed experts through pallas_kernels/).
     Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
@@ -38,12 +39,15 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
         sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
         cache_c = write_cache(cache_c, kv_store(c_kv, sc), start)
         cache_r = write_cache(cache_r, kv_store(k_pe, sr), start)
-    if decode:
+    if decode and backend == "pallas":
+        a = attend_absorbed(p.attn, q_nope, q_pe, cache_c, cache_r, None, cfg.softmax_scale, backend,
+                            lengths=positions[:, 0] + 1, kv_scale=kv_scale)
+    elif decode:
         mask = cache_mask(positions, cache_c.shape[1])
         a = attend_absorbed(p.attn, q_nope, q_pe, kv_load(cache_c, sc, x.dtype), kv_load(cache_r, sr, x.dtype), mask,
                             cfg.softmax_scale)
     else:
-        a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale)
+        a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale, backend)
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
     stats = None
@@ -53,12 +57,12 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
         elif train:
             f, stats = moe_train(p.ffn, h, cfg, layer=layer)
         else:
-            f = moe(p.ffn, h, cfg, impl=moe_impl, layer=layer, mesh=mesh)
+            f = moe(p.ffn, h, cfg, impl="pallas" if backend == "pallas" else moe_impl, layer=layer, mesh=mesh)
     return x + f, cache_c, cache_r, stats
 
 
 def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str,
-               train: bool = False, mesh=None, kv_scale=None):
+               train: bool = False, mesh=None, kv_scale=None, backend: str = "xla"):
     """lax.scan over a stack of layers. MoE expert stacks are not scanned but closed over whole and indexed by
     layer (see moe._expert_view), so a step reads only the experts it routes to."""
     experts = None
@@ -72,7 +76,8 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
             we1, we3, we2 = experts
             layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
         x, cc, cr, stats = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
-                                 layer=idx if experts is not None else None, train=train, mesh=mesh, kv_scale=ks)
+                                 layer=idx if experts is not None else None, train=train, mesh=mesh, kv_scale=ks,
+                                 backend=backend)
         return x, (cc, cr, stats)
     n = stack.attn_norm.shape[0]
     x, (cache_c, cache_r, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r, kv_scale))
@@ -80,7 +85,7 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
 
 
 def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config, *, decode: bool,
-            moe_impl: str = "auto", train: bool = False, mesh=None):
+            moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla"):
     """Embed, all layers, final norm. tokens/positions: [B, T].
 
     Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R]); with
@@ -95,11 +100,13 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
             continue
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
             if cache is None:
-                x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train)
+                x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train,
+                                         backend=backend)
                 stats = st if st is not None else stats
                 continue
             x, cc, cr, _ = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl,
-                                      mesh=mesh, kv_scale=None if cache.kv_scale is None else cache.kv_scale[lo:hi])
+                                      mesh=mesh, kv_scale=None if cache.kv_scale is None else cache.kv_scale[lo:hi],
+                                      backend=backend)
         # written back into the full buffers (in place when the cache is donated)
         c_kv, k_pe = c_kv.at[lo:hi].set(cc), k_pe.at[lo:hi].set(cr)
     hidden = rms_norm(x, params.norm, cfg.rms_norm_eps)
@@ -113,11 +120,12 @@ def lm_logits(params: Params, hidden) -> jax.Array:
     return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=F32)
 
 
-def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto", mesh=None):
+def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto", mesh=None, backend="xla"):
     """Unjitted prefill (see `prefill`)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl, mesh=mesh)
+    hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl, mesh=mesh,
+                                 backend=backend)
     new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32), kv_scale=cache.kv_scale)
     if all_logits:
         return lm_logits(params, hidden), new_cache
@@ -125,17 +133,26 @@ def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="
     return lm_logits(params, last), new_cache
 
 
-def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None):
+def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None, backend="xla"):
     """Unjitted decode step (see `decode_step`)."""
     positions = cache.lengths[:, None]  # [B, 1]
     hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl,
-                                 mesh=mesh)
+                                 mesh=mesh, backend=backend)
     return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1,
                                                  kv_scale=cache.kv_scale)
 
 
-_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl", "mesh"), donate_argnames=("cache",))
-_decode = jax.jit(decode_fn, static_argnames=("cfg", "moe_impl", "mesh"), donate_argnames=("cache",))
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "all_logits", "moe_impl", "mesh", "backend"),
+                   donate_argnames=("cache",))
+_decode = jax.jit(decode_fn, static_argnames=("cfg", "moe_impl", "mesh", "backend"), donate_argnames=("cache",))
+BACKENDS = ("xla", "pallas")
+
+
+def check_backend(backend: str, mesh=None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "pallas" and mesh is not None:
+        raise ValueError("the pallas backend runs on one device; use backend='xla' with a mesh")
 
 
 def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
@@ -149,13 +166,15 @@ def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
 
 
 def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_logits: bool = False,
-            moe_impl: str = "auto", mesh=None):
+            moe_impl: str = "auto", mesh=None, backend: str = "xla"):
     """Run right-padded prompts through the model and fill the (empty) cache.
 
     Args: tokens: [B, T] int, prompt b in tokens[b, :lengths[b]] (the rest is padding, any valid id);
       lengths: [B] int, 1 <= lengths[b] <= T <= cache.max_len. The cache is donated.
+    backend: "xla" (plain XLA) or "pallas" (pallas_kernels/: compiled on GPU, interpret mode elsewhere).
     Returns: logits [B, V] float32 at each prompt's last token ([B, T, V] if all_logits), and the new cache.
     """
+    check_backend(backend, mesh)
     tok = check_tokens(cfg, tokens)
     lens = np.asarray(lengths)
     if tok.ndim != 2:
@@ -174,20 +193,22 @@ def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_l
         from sharding.rules import check_divisible
         check_divisible(cfg, mesh, batch=tok.shape[0])
     return _prefill(params, cache, jnp.asarray(tok, jnp.int32), jnp.asarray(lens, jnp.int32), cfg=cfg,
-                    all_logits=all_logits, moe_impl=moe_impl, mesh=mesh)
+                    all_logits=all_logits, moe_impl=moe_impl, mesh=mesh, backend=backend)
 
 
 def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, moe_impl: str = "auto", check: bool = True,
-                mesh=None):
+                mesh=None, backend: str = "xla"):
     """One token per sequence through the absorbed-attention path. tokens: [B]. The cache is donated.
 
     Returns logits [B, V] float32 and the cache with each length advanced by one. With check=True the token ids
     and the cache capacity are verified on the host first (a small device->host read of the lengths).
     """
+    check_backend(backend, mesh)
     if check:
         tok = check_tokens(cfg, tokens)
         if tok.shape != (cache.batch,):
             raise ValueError(f"tokens must be [B]={cache.batch}, got shape {tok.shape}")
         if int(np.max(np.asarray(cache.lengths))) >= cache.max_len:
             raise ValueError(f"the cache is full ({cache.max_len} tokens); allocate a longer one")
-    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, moe_impl=moe_impl, mesh=mesh)
+    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, moe_impl=moe_impl, mesh=mesh,
+                   backend=backend)

@@ -15,7 +15,7 @@ import numpy as np
 
 from model.cache import cache_shapes
 from model.config import Config
-from model.forward import check_tokens, decode_fn, prefill_fn
+from model.forward import check_backend, check_tokens, decode_fn, prefill_fn
 from model.params import Params
 from model.sampling import SamplingParams, sample, step_keys
 
@@ -36,13 +36,13 @@ class GenerateOutput:
         return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh"))
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh", "backend"))
 def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
-                   mesh=None):
+                   mesh=None, backend="xla"):
     shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
     cache = cache.replace(kv_scale=kv_scale)
-    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh)
+    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh, backend=backend)
     b = tokens.shape[0]
     first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
@@ -55,7 +55,7 @@ def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg
 
     def body(state):
         step, cache, last, out, done, n_gen = state
-        logits, cache = decode_fn(params, cache, last, cfg, mesh=mesh)
+        logits, cache = decode_fn(params, cache, last, cfg, mesh=mesh, backend=backend)
         nxt = sample(logits, step_keys(sp.seed, request_ids, step), sp)
         nxt = jnp.where(done, PAD, nxt)
         out = out.at[:, step].set(nxt)
@@ -81,15 +81,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
 def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
              max_len: int | None = None, request_ids: Sequence[int] | None = None, mesh=None,
-             kv_scale=None) -> GenerateOutput:
+             kv_scale=None, backend: str = "xla") -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
       last generated token); max_len: cache length (default: longest prompt + max_new_tokens, padded);
       request_ids: per-sequence ids for the sampling keys (default 0..B-1); mesh: run sharded on this mesh
       (parameters placed with sharding.shard_params; experts run expert-parallel); kv_scale: [L, 2] scales of
-      an FP8 latent cache (see `init_cache`), None for a cache in the model's dtype.
+      an FP8 latent cache (see `init_cache`), None for a cache in the model's dtype; backend: "xla" or "pallas".
     """
+    check_backend(backend, mesh)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompts) == 0:
@@ -122,7 +123,7 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
     out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
                                 jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
-                                max_len=max_len, mesh=mesh)
+                                max_len=max_len, mesh=mesh, backend=backend)
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)

@@ -46,14 +46,19 @@ def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale: float) -> jax.Array:
-    """Decompressed attention. q_*: [B, T, N, *]; c_kv: [B, S, C]; k_pe: [B, S, R]; mask: [B, T, S].
+def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale: float,
+                 backend: str = "xla") -> jax.Array:
+    """Decompressed attention. q_*: [B, T, N, *]; c_kv: [B, S, C]; k_pe: [B, S, R]; mask: [B, T, S] (causal).
 
-    Returns [B, T, D].
+    backend "pallas": the causal flash-attention kernel (pallas_kernels/mla_prefill.py). Returns [B, T, D].
     """
     with jax.named_scope("attend_naive"):
         k_nope = qdot(c_kv, p.wk_b, "BSC,NHC->BSNH")  # [B, S, N, H]
         v = qdot(c_kv, p.wv_b, "BSC,NCV->BSNV")  # [B, S, N, V]
+        if backend == "pallas":
+            from pallas_kernels.ops import prefill_attention
+            o = prefill_attention(q_nope, q_pe, k_nope, k_pe, v, scale).astype(v.dtype)
+            return qdot(o, p.wo, "BTNV,NVD->BTD")
         scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(v.dtype)  # [B, N, T, S]
@@ -61,16 +66,26 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale:
         return qdot(o, p.wo, "BTNV,NVD->BTD")
 
 
-def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Array, scale: float) -> jax.Array:
+def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Array, scale: float,
+                    backend: str = "xla", lengths=None, kv_scale=None) -> jax.Array:
     """Weight-absorbed attention against the latent cache.
 
     q_nope: [B, T, N, H]; q_pe: [B, T, N, R]; cache_c: [B, S, C]; cache_r: [B, S, R]; mask: [B, T, S].
     scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
+    backend "pallas" (one token per sequence): the split-KV kernel (pallas_kernels/mla_decode.py) over the raw
+    cache, visible positions s < lengths [B], FP8 caches dequantized in the kernel with kv_scale [2].
     """
     with jax.named_scope("attend_absorbed"):
         # wk_b is contracted over H here, not its reduction axis C: no activation quantization for this product
         q_lat = jnp.einsum("BTNH,NHC->BTNC", q_nope, weight(p.wk_b, q_nope.dtype),
                            preferred_element_type=F32).astype(q_nope.dtype)  # [B, T, N, C]
+        if backend == "pallas":
+            if q_nope.shape[1] != 1:
+                raise ValueError("the pallas decode kernel takes one token per sequence")
+            from pallas_kernels.ops import decode_attention
+            o_lat = decode_attention(q_lat[:, 0], q_pe[:, 0], cache_c, cache_r, lengths, scale, kv_scale)
+            o = qdot(o_lat[:, None].astype(q_nope.dtype), p.wv_b, "BTNC,NCV->BTNV")
+            return qdot(o, p.wo, "BTNV,NVD->BTD")
         scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
         probs = _softmax(scores, mask[:, None]).astype(cache_c.dtype)  # [B, N, T, S]

@@ -165,7 +165,8 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     """Routed experts + shared expert. x: [B, T, D] -> [B, T, D].
 
     impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
-    selected experts' weights), "dense" (reference), or "auto" = grouped, which measured faster than gather even
+    selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/), or
+    "auto" = grouped, which measured faster than gather even
     for a single token on CPU (see docs/benchmarks.md).
     layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
     mesh: with an expert or tensor axis larger than 1, the routed experts run expert-parallel (sharding/ep.py).
@@ -176,6 +177,9 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
         from sharding.ep import experts_ep_dispatch
         routed = experts_ep_dispatch(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
+    elif impl == "pallas":
+        from pallas_kernels.ops import moe_experts
+        routed = moe_experts(p.we1, p.we3, p.we2, x_td, w, idx, layer)
     else:
         impl = "grouped" if impl == "auto" else impl
         fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]

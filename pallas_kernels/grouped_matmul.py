@@ -81,6 +81,7 @@ def _weight_tile(kind, refs, e, k0, n0, bk, bn, dtype):
 
 
 def _kernel(group_ref, row0_ref, end_ref, count_ref, x_ref, *rest, kind, n_w, bm, bn, bk, k, swiglu):
+    """count_ref holds (number of items, expert offset): group g reads weights [offset + g]."""
     o_ref = rest[-1]
     w_sets = [rest[i * n_w:(i + 1) * n_w] for i in range(2 if swiglu else 1)]
     tscale = rest[(2 if swiglu else 1) * n_w:-1]
@@ -88,7 +89,7 @@ def _kernel(group_ref, row0_ref, end_ref, count_ref, x_ref, *rest, kind, n_w, bm
 
     @pl.when(j < count_ref[0])
     def _():
-        e, r0, end = group_ref[j], row0_ref[j], end_ref[j]
+        e, r0, end = group_ref[j] + count_ref[1], row0_ref[j], end_ref[j]
         n0 = pl.multiple_of(jn * bn, bn)
         dt = x_ref.dtype
 
@@ -144,12 +145,13 @@ def check_shapes(kind: str, m: int, k: int, n: int, bm: int, bn: int, bk: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages"))
-def grouped_matmul(x, w, group_sizes, w_up=None, *, bm: int = 64, bn: int = 64, bk: int = 64,
+def grouped_matmul(x, w, group_sizes, w_up=None, expert_offset=0, *, bm: int = 64, bn: int = 64, bk: int = 64,
                    interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
     """y[r] = x[r] @ W[g(r)] for rows sorted by group; with w_up: silu(x W) * (x W_up) (fused gate/up SwiGLU).
 
-    x: [M, K]; w, w_up: [G, K, N] arrays or quant.QArray stacks; group_sizes: [G] int32 summing to <= M (rows
-    past the sum come back as zeros). Returns [M, N] in x's dtype.
+    x: [M, K]; w, w_up: [G', K, N] arrays or quant.QArray stacks, group g using matrix expert_offset + g (a
+    layer's experts inside a whole [L*E, ...] stack, unsliced); group_sizes: [G] int32 summing to <= M (rows past
+    the sum come back as zeros). Returns [M, N] in x's dtype.
     """
     m = x.shape[0]
     kind, w_arrays, tscale, k, n = _operands(w)
@@ -167,7 +169,8 @@ def grouped_matmul(x, w, group_sizes, w_up=None, *, bm: int = 64, bn: int = 64, 
     group, row0, end, count = tile_map(group_sizes.astype(jnp.int32), m, bm)
     x_pad = jnp.pad(x, ((0, bm), (0, 0)))  # a tile starting at any row stays in bounds
     whole = pl.BlockSpec()  # whole arrays: rows and experts are indexed inside the kernel
-    operands = [group, row0, end, count.reshape(1), x_pad, *[a for s in sets for a in s], *scales]
+    meta = jnp.stack([count, jnp.asarray(expert_offset, jnp.int32)])
+    operands = [group, row0, end, meta, x_pad, *[a for s in sets for a in s], *scales]
     kernel = functools.partial(_kernel, kind=kind, n_w=len(w_arrays), bm=bm, bn=bn, bk=bk, k=k,
                                swiglu=w_up is not None)
     out = pl.pallas_call(

@@ -169,3 +169,50 @@ def test_mla_kernels_lower_for_cuda():
     t = 1024
     _cuda(lambda *a: mla_prefill(*a, sm_scale=0.1, bq=64, bk=64), sd((2, t, n, 128), bf), sd((2, t, n, 64), bf),
           sd((2, t, n, 128), bf), sd((2, t, 64), bf), sd((2, t, n, 128), bf), sd((2,), jnp.int32))
+
+
+# ---- the model with backend="pallas" equals backend="xla" ------------------------------------------------------
+
+def _model_logits(params, cfg, backend, kv_scale=None):
+    from model import decode_step, init_cache, prefill
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
+    lens = np.array([24, 17])
+    cache = init_cache(cfg, 2, 64, kv_scale=kv_scale)
+    logits, cache = prefill(params, cache, toks, lens, cfg=cfg, all_logits=True, backend=backend)
+    rows = [np.asarray(logits)[0], np.asarray(logits)[1, :17]]
+    for i in range(3):
+        step, cache = decode_step(params, cache, toks[:, i], cfg=cfg, backend=backend)
+        rows.append(np.asarray(step))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("recipe", [None, "nvfp4_w4a16", "r1_fp4"])
+def test_model_pallas_backend_equals_xla(recipe):
+    from helpers import random_params
+    from model import TINY
+    from quant import quantize_params
+    from quant.calibrate import calibrate
+    params, kv = random_params(TINY, 0), None
+    if recipe is not None:
+        rng = np.random.default_rng(1)
+        scales = calibrate(params, TINY, [rng.integers(0, TINY.vocab_size, 24) for _ in range(2)])
+        params = quantize_params(params, recipe, scales)
+        kv = scales["kv"] if recipe == "r1_fp4" else None
+    xla = _model_logits(params, TINY, "xla", kv)
+    pallas = _model_logits(params, TINY, "pallas", kv)
+    assert not np.isnan(pallas).any()
+    err = np.abs(pallas - xla).max() / np.abs(xla).max()
+    assert err < 1e-4, err
+
+
+def test_pallas_backend_errors():
+    from model import TINY, init_cache, prefill
+    from helpers import random_params
+    from sharding import make_mesh
+    params = random_params(TINY, 0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        prefill(params, init_cache(TINY, 1, 16), np.ones((1, 4), np.int32), np.array([4]), cfg=TINY, backend="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        prefill(params, init_cache(TINY, 1, 16), np.ones((1, 4), np.int32), np.array([4]), cfg=TINY,
+                backend="pallas", mesh=make_mesh("expert=8"))
