@@ -47,30 +47,21 @@ def _nearest_code(x: float, table: np.ndarray, positive_codes: range) -> int:
     return positive_codes[best[0]]
 
 
+def _codes(x, table, positive_codes: range, nan_code: int, sign_bit: int) -> np.ndarray:
+    flat = np.asarray(x, np.float64).reshape(-1)
+    out = [nan_code if np.isnan(v) else _nearest_code(v, table, positive_codes) | (sign_bit if np.signbit(v) else 0)
+           for v in flat]
+    return np.array(out, np.uint8).reshape(np.shape(x))
+
+
 def e2m1_codes(x: np.ndarray) -> np.ndarray:
     """NaN -> 0 (the documented choice: NaN is reported through the block scale)."""
-    flat = np.asarray(x, np.float64).reshape(-1)
-    out = []
-    for v in flat:
-        if np.isnan(v):
-            out.append(0)
-            continue
-        c = _nearest_code(v, E2M1, range(8))
-        out.append(c | (8 if np.signbit(v) else 0))
-    return np.array(out, np.uint8).reshape(np.shape(x))
+    return _codes(x, E2M1, range(8), 0, 8)
 
 
 def e4m3_codes(x: np.ndarray) -> np.ndarray:
-    """Saturating at 448 (0x7E); NaN -> 0x7F."""
-    flat = np.asarray(x, np.float64).reshape(-1)
-    out = []
-    for v in flat:
-        if np.isnan(v):
-            out.append(0x7F)
-            continue
-        c = _nearest_code(v, E4M3, range(0x7F))  # 0x00 .. 0x7E: every finite non-negative value, ascending
-        out.append(c | (0x80 if np.signbit(v) else 0))
-    return np.array(out, np.uint8).reshape(np.shape(x))
+    """Saturating at 448 (0x7E); NaN -> 0x7F. Codes 0x00..0x7E are every finite non-negative value, ascending."""
+    return _codes(x, E4M3, range(0x7F), 0x7F, 0x80)
 
 
 def e4m3_value(codes: np.ndarray) -> np.ndarray:
