@@ -128,8 +128,9 @@ def test_fp8_cache_holds_e4m3(model):
     assert cache.c_kv.nbytes * 2 == init_cache(cfg, 2, tokens.shape[1] + 4, dtype=np.float16).c_kv.nbytes
 
 
-@pytest.mark.parametrize("mesh_spec,name", [("expert=4,tensor=2", "r1_fp4"), ("expert=8", "mxfp4_w4a4"),
-                                            ("expert=8", "fp8_w8a8+kv_fp8")])
+@pytest.mark.parametrize("mesh_spec,name", [("expert=4,tensor=2", "r1_fp4"), ("expert=4,tensor=2", "nvfp4_search"),
+                                            ("data=2,expert=4", "fp8_w8a8+kv_fp8")]
+                         + [("expert=8", n) for n in RECIPES if n not in ("bf16", "nvfp4_search")])
 def test_sharded_quantized_equals_unsharded(model, mesh_spec, name):
     from sharding import make_mesh
     params, cfg, calib, tokens, lengths = model
