@@ -91,6 +91,26 @@ def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
         return jnp.einsum("TXD,TX->TD", y, w)
 
 
+def experts_single(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
+    """One token (batch-1 decode): each selected expert's matrices read once, in place, as fused multiply-reduce
+    loops. XLA:CPU copies a dynamically indexed operand before a dot (the weights would be read three times);
+    a reduction fuses the indexing and streams the weights once. x: [1, D] -> [1, D] f32."""
+    with jax.named_scope("experts_single"):
+        (we1, off), (we3, _), (we2, _) = (_expert_view(a, layer) for a in (p.we1, p.we3, p.we2))
+        x32 = x[0].astype(F32)
+
+        def one(i, acc):
+            a, b, c = (map_leading(lambda v: jax.lax.dynamic_index_in_dim(v, off + idx[0, i], keepdims=False), m)
+                       for m in (we1, we3, we2))
+            xa = activation(x32.astype(x.dtype)[None], a)[0].astype(F32)
+            gate = jnp.sum(xa[:, None] * weight(a, F32), axis=0)  # [M]
+            up = jnp.sum(xa[:, None] * weight(b, F32), axis=0)
+            h = (jax.nn.silu(gate) * up).astype(x.dtype)
+            h = activation(h[None], c)[0].astype(F32)
+            return acc + w[0, i] * jnp.sum(h[:, None] * weight(c, F32), axis=0)  # [D]
+        return jax.lax.fori_loop(0, idx.shape[1], one, jnp.zeros((x.shape[1],), F32))[None]
+
+
 def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, group_sizes: jax.Array,
                    tile_m: int, *, expert_offset=0, differentiable: bool = False) -> jax.Array:
     """SwiGLU expert MLPs over rows sorted by expert: rows [start_e, end_e) use expert e.
@@ -165,8 +185,8 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     """Routed experts + shared expert. x: [B, T, D] -> [B, T, D].
 
     impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
-    selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/), or
-    "auto" = grouped, which measured faster than gather even
+    selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/), "single" (one
+    token: see experts_single), or "auto" = single for one token, grouped otherwise, which measured faster than gather even
     for a single token on CPU (see docs/benchmarks.md).
     layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
     mesh: with an expert or tensor axis larger than 1, the routed experts run expert-parallel (sharding/ep.py).
@@ -177,12 +197,15 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
         from sharding.ep import experts_ep_dispatch
         routed = experts_ep_dispatch(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
+    elif impl == "auto" and b * t == 1:
+        routed = experts_single(p, x_td, w, idx, layer)
     elif impl == "pallas":
         from pallas_kernels.ops import moe_experts
         routed = moe_experts(p.we1, p.we3, p.we2, x_td, w, idx, layer)
     else:
         impl = "grouped" if impl == "auto" else impl
-        fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference}[impl]
+        fn = {"gather": experts_gather, "grouped": experts_grouped, "dense": experts_dense_reference,
+              "single": experts_single}[impl]
         routed = fn(p, x_td, w, idx, layer)
     shared = swiglu(p.shared, x_td).astype(F32)
     return (routed + shared).astype(x.dtype).reshape(b, t, d)

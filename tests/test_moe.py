@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from model import TINY
-from model.moe import experts_dense_reference, experts_gather, experts_grouped, grouped_swiglu, moe, route
+from model.moe import (experts_dense_reference, experts_gather, experts_grouped, experts_single, grouped_swiglu,
+                       moe, route)
 from tests.helpers import random_params
 from tests.tolerances import OP_ATOL
 
@@ -72,7 +73,7 @@ def test_gather_and_grouped_match_dense_reference(moe_params, tokens):
     x = jnp.asarray(np.random.default_rng(tokens).standard_normal((tokens, TINY.hidden_size)), jnp.float32)
     w, idx = route(moe_params, x, TINY)
     ref = experts_dense_reference(moe_params, x, w, idx)
-    for fn in (experts_gather, experts_grouped):
+    for fn in (experts_gather, experts_grouped) + ((experts_single,) if tokens == 1 else ()):
         np.testing.assert_allclose(fn(moe_params, x, w, idx), ref, atol=OP_ATOL["float32"], rtol=1e-5)
 
 
@@ -123,3 +124,5 @@ def test_layer_indexed_expert_stacks_match_sliced(moe_params):
     whole = one.replace(we1=stack.we1, we3=stack.we3, we2=stack.we2)
     for fn in (experts_gather, experts_grouped, experts_dense_reference):
         np.testing.assert_allclose(fn(whole, x, w, idx, jnp.int32(layer)), ref, atol=OP_ATOL["float32"], rtol=1e-5)
+    np.testing.assert_allclose(experts_single(whole, x[:1], w[:1], idx[:1], jnp.int32(layer)), ref[:1],
+                               atol=OP_ATOL["float32"], rtol=1e-5)

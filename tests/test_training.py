@@ -88,3 +88,18 @@ def test_training_is_deterministic_given_a_seed():
     _, h1 = train(CFG, tc, None, log=io.StringIO(), log_every=1)
     _, h2 = train(CFG, tc, None, log=io.StringIO(), log_every=1)
     assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+
+
+def test_worked_answers_are_right_step_by_step():
+    """Every step of every worked answer is true arithmetic, and the text after the last '=' is the answer."""
+    import re
+
+    from model.data import KINDS, problems
+    rng = np.random.default_rng(0)
+    for p in problems(rng, 400, heldout=False, kinds=KINDS):
+        steps = p.worked.split(": ", 1)[1].split(", ")
+        assert steps[-1] == f"answer = {p.answer}"
+        for step in steps[:-1]:
+            lhs, rhs = step.split(" = ")
+            assert re.fullmatch(r"[\d+\-* ]+", lhs) and eval(lhs) == int(rhs), step  # noqa: S307 (digits only)
+        assert p.text().endswith(f"answer = {p.answer}\n")
