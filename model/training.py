@@ -22,9 +22,9 @@ from model.params import Params
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    steps: int = 1400
-    batch: int = 16
-    seq_len: int = 128
+    steps: int = 1700
+    batch: int = 8
+    seq_len: int = 256
     lr: float = 3e-3
     warmup: int = 100
     min_lr_frac: float = 0.1
@@ -32,9 +32,9 @@ class TrainConfig:
     clip: float = 1.0
     mtp_weight: float = 0.3
     balance_alpha: float = 1e-4
-    bias_update_speed: float = 1e-2  # gamma (DeepSeek-V3: 1e-3 over a far longer run)
+    bias_update_speed: float = 0.02  # gamma (DeepSeek-V3: 1e-3 over a far longer run)
     seed: int = 0
-    text_frac: float = 0.35
+    text_frac: float = 0.3
 
 
 def _ce(logits, targets):
