@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from model.config import Config
 from model.layers import F32, qdot, rms_norm
-from quant.qarray import weight
 from model.params import Attention
 from model.rope import apply_rope
+from quant.qarray import weight
 
 NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
 

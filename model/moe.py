@@ -92,9 +92,9 @@ def experts_gather(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
 
 
 def experts_single(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
-    """One token (batch-1 decode): each selected expert's matrices read once, in place, as fused multiply-reduce
-    loops. XLA:CPU copies a dynamically indexed operand before a dot (the weights would be read three times);
-    a reduction fuses the indexing and streams the weights once. x: [1, D] -> [1, D] f32."""
+    """One token: each selected expert's matrices read in place by fused multiply-reduce loops instead of a dot on
+    a copied slice. Faster in isolation on XLA:CPU (20 vs 13 GB/s per expert matrix) but slower in the whole
+    decode step (49 vs 52 tokens/s on `small`), so `auto` does not pick it. x: [1, D] -> [1, D] f32."""
     with jax.named_scope("experts_single"):
         (we1, off), (we3, _), (we2, _) = (_expert_view(a, layer) for a in (p.we1, p.we3, p.we2))
         x32 = x[0].astype(F32)
@@ -186,7 +186,7 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
 
     impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
     selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/), "single" (one
-    token: see experts_single), or "auto" = single for one token, grouped otherwise, which measured faster than gather even
+    token: see experts_single; measured slower end to end on CPU than grouped), or "auto" = grouped, which measured faster than gather even
     for a single token on CPU (see docs/benchmarks.md).
     layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
     mesh: with an expert or tensor axis larger than 1, the routed experts run expert-parallel (sharding/ep.py).
@@ -197,8 +197,6 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
         from sharding.ep import experts_ep_dispatch
         routed = experts_ep_dispatch(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
-    elif impl == "auto" and b * t == 1:
-        routed = experts_single(p, x_td, w, idx, layer)
     elif impl == "pallas":
         from pallas_kernels.ops import moe_experts
         routed = moe_experts(p.we1, p.we3, p.we2, x_td, w, idx, layer)

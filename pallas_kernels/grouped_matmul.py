@@ -118,12 +118,12 @@ def _kernel(group_ref, row0_ref, end_ref, count_ref, x_ref, *rest, kind, n_w, bm
 def _operands(w):
     """(kind, weight arrays, tensor scale or None, K, N)."""
     if not is_qarray(w):
-        g, k, n = w.shape
+        _, k, n = w.shape
         return "plain", (w,), None, k, n
     if w.batch_ndim != 1 or w.n_out != 1:
         raise ValueError(f"grouped_matmul takes a [G, K, N] stack; got a quantized weight of shape {w.shape} with "
                          f"{w.batch_ndim} batch axes")
-    g, n, kp = w.codes.shape
+    _, n, kp = w.codes.shape
     k = kp * (2 if w.fmt != "fp8" else 1)
     return w.fmt, (w.codes, w.scales), (w.tensor_scale if w.fmt == "nvfp4" else None), k, n
 
@@ -207,4 +207,4 @@ def grouped_matmul_reference(x, w, group_sizes, w_up=None):
     return jnp.where(valid[:, None], y, 0).astype(x.dtype)
 
 
-__all__ = ["grouped_matmul", "grouped_matmul_reference", "tile_map", "check_shapes", "QArray"]
+__all__ = ["QArray", "check_shapes", "grouped_matmul", "grouped_matmul_reference", "tile_map"]

@@ -48,7 +48,7 @@ def _kernel(len_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, o_ref, *, bq: int, b
             p, v, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
     init = (jnp.full((bq,), NEG_INF, F32), jnp.zeros((bq,), F32), jnp.zeros((bq, v_ref.shape[-1]), F32))
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     ok = (rows < length) & (l > 0)
     o_ref[...] = jnp.where(ok[:, None], acc / jnp.where(ok, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
 
@@ -86,7 +86,7 @@ def mla_prefill(q_nope, q_pe, k_nope, k_pe, v, lengths, *, sm_scale: float, bq: 
 
 
 def mla_prefill_reference(q_nope, q_pe, k_nope, k_pe, v, lengths, *, sm_scale: float):
-    b, t = q_nope.shape[:2]
+    t = q_nope.shape[1]
     s = (jnp.einsum("BTNH,BSNH->BNTS", q_nope.astype(F32), k_nope.astype(F32))
          + jnp.einsum("BTNR,BSR->BNTS", q_pe.astype(F32), k_pe.astype(F32))) * sm_scale
     pos = jnp.arange(t)

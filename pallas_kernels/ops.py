@@ -8,10 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from quant.qarray import is_qarray, map_leading, quantizes_activation
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_prefill import mla_prefill
+from quant.qarray import is_qarray, map_leading, quantizes_activation
 
 F32 = jnp.float32
 
@@ -38,7 +38,7 @@ def decode_attention(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale: float, kv
     """q_lat [B, N, C], q_pe [B, N, R]; cache [B, S, C] / [B, S, R]; lengths [B] = visible positions.
 
     Returns the attention-weighted latent [B, N, C] float32 (W_uv and W_o are applied by the caller)."""
-    b, n, c = q_lat.shape
+    n = q_lat.shape[1]
     s = cache_c.shape[1]
     bt = _tile(s, 64, "cache length")
     n_pad = max(16, n) if n < 16 else -(-n // 16) * 16
@@ -58,10 +58,10 @@ def decode_attention(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale: float, kv
 
 def prefill_attention(q_nope, q_pe, k_nope, k_pe, v, sm_scale: float):
     """Causal attention over T tokens (right padding is harmless under the causal mask). [B, T, N, V]."""
-    b, t, n, h = q_nope.shape
+    b, t = q_nope.shape[:2]
     t_pad = -(-t // 16) * 16
     if t_pad != t:
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))
         q_nope, q_pe, k_nope, k_pe, v = map(pad, (q_nope, q_pe, k_nope, k_pe, v))
     q_pe, k_pe = _pad_last(q_pe, 16), _pad_last(k_pe, 16)
     blk = _tile(t_pad, 64, "padded prompt length")

@@ -146,7 +146,7 @@ def mxfp4_exponents(xb: jax.Array, rule: str = "ocp") -> jax.Array:
     """Shared exponent of blocks xb [..., nb, 32]: OCP floor(log2 amax) - 2, or ceil(log2(amax / 6))."""
     amax = jnp.max(jnp.abs(xb.astype(F32)), axis=-1)
     safe = jnp.where((amax > 0) & jnp.isfinite(amax), amax, F32(1.0))
-    mant, ex = jnp.frexp(safe)  # safe = mant * 2^ex, mant in [0.5, 1): floor(log2) = ex - 1, exactly
+    _, ex = jnp.frexp(safe)  # safe = mant * 2^ex, mant in [0.5, 1): floor(log2) = ex - 1, exactly
     if rule == "ocp":
         e = ex - 1 - 2
     elif rule == "ceil":

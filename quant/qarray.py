@@ -132,8 +132,8 @@ def quantize(w: jax.Array, fmt: str, *, k_axis: int = -2, batch_ndim: int = 0, a
     if n_out < 0 or (k_axis % nd) < batch_ndim:
         raise ValueError(f"shape {w.shape}: the reduction axis {k_axis} lies in the {batch_ndim} batch axes")
     moved = jnp.moveaxis(w, k_axis, -1).astype(F.F32)
-    kw = dict(fmt=fmt, k_axis=k_axis, n_out=n_out, act=act, dtype=jnp.dtype(w.dtype).name, mx_rule=mx_rule,
-              input_scale=None if input_scale is None else jnp.asarray(input_scale, F.F32))
+    kw = {"fmt": fmt, "k_axis": k_axis, "n_out": n_out, "act": act, "dtype": jnp.dtype(w.dtype).name,
+          "mx_rule": mx_rule, "input_scale": None if input_scale is None else jnp.asarray(input_scale, F.F32)}
     if fmt == "nvfp4":
         amax = _batch_amax(moved, batch_ndim) if amax is None else jnp.asarray(amax, F.F32)
         s_t = F.nvfp4_tensor_scale(amax)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.params import Attention, Mlp, Moe, Params
+from model.params import Attention, Moe, Params
 from quant import formats as F
 from quant.qarray import QArray, quantize
 
@@ -214,5 +214,13 @@ def weight_bytes(params, float_itemsize: int | None = None) -> int:
     return int(total)
 
 
-__all__ = ["Recipe", "RECIPES", "GROUPS", "get_recipe", "quantize_params", "weight_bytes",
-           "nvfp4_search_block_scales", "mxfp4_search_exponents"]
+__all__ = [
+    "GROUPS",
+    "RECIPES",
+    "Recipe",
+    "get_recipe",
+    "mxfp4_search_exponents",
+    "nvfp4_search_block_scales",
+    "quantize_params",
+    "weight_bytes",
+]

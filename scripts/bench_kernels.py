@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.grouped_matmul import grouped_matmul  # noqa: E402
-from pallas_kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
-from quant.qarray import quantize  # noqa: E402
+from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
+from quant.qarray import quantize
 
 PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12), "B200": (8e12, 2250e12)}
 
@@ -76,7 +76,7 @@ def bench_grouped(gpu: bool, peaks, dtype):
         x = jnp.asarray(rng.standard_normal((rows, d)), dtype)
         bm = 16 if rows <= 128 else 64
         bn, bk = (128, 64) if gpu else (64, 64)
-        gm = jax.jit(lambda x, w, s: grouped_matmul(x, w, s, bm=bm, bn=bn, bk=bk, interpret=interp))
+        gm = jax.jit(lambda x, w, s, bm=bm, bn=bn, bk=bk: grouped_matmul(x, w, s, bm=bm, bn=bn, bk=bk, interpret=interp))
         rd = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32))
         t_rd = median_time(rd, x, w, sizes)
         flops = 2 * rows * d * m
@@ -105,7 +105,7 @@ def bench_mla(gpu: bool, peaks, dtype):
         kr = jnp.asarray(rng.standard_normal((b, s, r)), dtype)
         lens = jnp.full((b,), s, jnp.int32)
         splits = max(1, min(8, (s // 64) // 4))
-        ker = jax.jit(lambda *a: mla_decode(*a, sm_scale=0.1, bh=16 if gpu else 16, bt=64, splits=splits,
+        ker = jax.jit(lambda *a, splits=splits: mla_decode(*a, sm_scale=0.1, bh=16, bt=64, splits=splits,
                                             interpret=not gpu))
         ref = jax.jit(lambda *a: mla_decode_reference(*a, sm_scale=0.1))
         bytes_ = b * s * (c + r) * 2 + b * n * (c + r) * 2 + b * n * c * 4

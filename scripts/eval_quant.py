@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cli import BUNDLED_CHECKPOINT, load_any  # noqa: E402
-from quant.evaluate import DEFAULT_ROWS, HEADER, eval_quant, format_table, plot  # noqa: E402
-from quant.recipes import get_recipe  # noqa: E402
+from model.cli import BUNDLED_CHECKPOINT, load_any
+from quant.evaluate import DEFAULT_ROWS, HEADER, eval_quant, format_table, plot
+from quant.recipes import get_recipe
 
 
 def main(argv=None):

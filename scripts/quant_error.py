@@ -12,13 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from quant import formats as F  # noqa: E402
-from quant.qarray import dequantize, quantize, quantize_activation  # noqa: E402
-from quant.recipes import mxfp4_search_exponents, nvfp4_search_block_scales  # noqa: E402
+from quant import formats as F
+from quant.qarray import dequantize, quantize, quantize_activation
+from quant.recipes import mxfp4_search_exponents, nvfp4_search_block_scales
 
 
 def sqnr(x, y) -> float:

@@ -190,6 +190,7 @@ def _model_logits(params, cfg, backend, kv_scale=None):
 @pytest.mark.parametrize("recipe", [None, "nvfp4_w4a16", "r1_fp4"])
 def test_model_pallas_backend_equals_xla(recipe):
     from helpers import random_params
+
     from model import TINY
     from quant import quantize_params
     from quant.calibrate import calibrate
@@ -207,8 +208,9 @@ def test_model_pallas_backend_equals_xla(recipe):
 
 
 def test_pallas_backend_errors():
-    from model import TINY, init_cache, prefill
     from helpers import random_params
+
+    from model import TINY, init_cache, prefill
     from sharding import make_mesh
     params = random_params(TINY, 0)
     with pytest.raises(ValueError, match="unknown backend"):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 import quant_reference as ref
+
 from quant import formats as F
 from quant.qarray import QArray, dequantize, quantize
 from quant.recipes import mxfp4_search_exponents, nvfp4_search_block_scales
@@ -210,8 +210,8 @@ def test_qarray_orbax_roundtrip(tmp_path):
     ckptr.save(tmp_path / "q", tree)
     ckptr.wait_until_finished()
     back = ckptr.restore(tmp_path / "q", jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree))
-    for k in tree:
-        assert isinstance(back[k], QArray) and back[k].fmt == tree[k].fmt
-        for a, b in zip(jax.tree.leaves(tree[k]), jax.tree.leaves(back[k])):
+    for k, original in tree.items():
+        assert isinstance(back[k], QArray) and back[k].fmt == original.fmt
+        for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(back[k])):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

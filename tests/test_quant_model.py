@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import fresh_jit_caches
+
 from model import decode_step, init_cache, prefill
 from model.checkpoint import load_checkpoint
 from model.data import problems, stdlib_corpus
 from model.tokenizer import ByteTokenizer
-from quant import RECIPES, formats as F, get_recipe, quantize_params, weight_bytes
+from quant import RECIPES, get_recipe, quantize_params, weight_bytes
+from quant import formats as F
 from quant.calibrate import calibrate
 from quant.qarray import QArray
 
@@ -80,7 +81,7 @@ def test_wrong_nibble_order_fails(model, monkeypatch):
     params, cfg, calib, tokens, lengths = model
     ref = run(params, cfg, tokens, lengths)
     qp = quantize_params(params, "nvfp4_w4a16", calib)
-    swapped = lambda p: jnp.stack([p >> 4, p & 15], -1).reshape(*p.shape[:-1], -1)  # noqa: E731
+    swapped = lambda p: jnp.stack([p >> 4, p & 15], -1).reshape(*p.shape[:-1], -1)
     monkeypatch.setattr(F, "unpack_nibbles", swapped)
     fresh_jit_caches()
     err = rel_rms(run(qp, cfg, tokens, lengths), ref)
@@ -111,7 +112,7 @@ def test_recipe_structure(model):
 
 
 def test_calibration_covers_observed_activations(model):
-    params, cfg, calib, _, _ = model
+    _, cfg, calib, _, _ = model
     amax = calib["amax"]
     assert amax["routed/in"].shape == (cfg.num_hidden_layers - 1, cfg.n_routed_experts)
     assert (amax["routed/in"] > 0).all() and (amax["attn_moe_layers/wo"] > 0).all()
@@ -155,7 +156,7 @@ def test_shard_errors_name_the_block_constraint(model):
 
 def test_quantized_tree_orbax_roundtrip(model, tmp_path):
     import orbax.checkpoint as ocp
-    params, cfg, calib, _, _ = model
+    params, _, calib, _, _ = model
     qp = quantize_params(params, "r1_fp4", calib)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp_path / "q", qp)
