@@ -133,6 +133,9 @@ def test_fp8_cache_holds_e4m3(model):
                                             ("data=2,expert=4", "fp8_w8a8+kv_fp8")]
                          + [("expert=8", n) for n in RECIPES if n not in ("bf16", "nvfp4_search")])
 def test_sharded_quantized_equals_unsharded(model, mesh_spec, name):
+    """Weight-only recipes: the same dequantized weights, only the summation order differs (1e-4). Quantized
+    activations or cache are step functions of their input: a float-reorder difference can move a value across a
+    rounding boundary and change one code, so those recipes get 5% of their quantization tolerance instead."""
     from sharding import make_mesh
     params, cfg, calib, tokens, lengths = model
     r = get_recipe(name)
@@ -140,7 +143,8 @@ def test_sharded_quantized_equals_unsharded(model, mesh_spec, name):
     kv = calib["kv"] if r.kv_fp8 else None
     single = run(qp, cfg, tokens, lengths, kv)
     sharded = run(qp, cfg, tokens, lengths, kv, mesh=make_mesh(mesh_spec))
-    assert rel_rms(sharded, single) < 1e-4, rel_rms(sharded, single)
+    tol = 0.05 * tolerance(name) if (r.act or r.kv_fp8) else 1e-4
+    assert rel_rms(sharded, single) < tol, (rel_rms(sharded, single), tol)
 
 
 def test_shard_errors_name_the_block_constraint(model):
