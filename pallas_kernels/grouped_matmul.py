@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from quant.qarray import QArray, dequantize, is_qarray
+from quant.qarray import dequantize, is_qarray
 
 F32 = jnp.float32
 
@@ -190,11 +190,8 @@ def grouped_matmul(x, w, group_sizes, w_up=None, expert_offset=0, *, bm: int = 6
 
 def grouped_matmul_reference(x, w, group_sizes, w_up=None):
     """Plain jnp: dequantize, then each row times its group's matrix (float32 accumulation)."""
-    def dense(v):
-        if is_qarray(v):
-            d = dequantize(v, F32)  # logical [G, K, N]
-            return d
-        return v.astype(F32)
+    def dense(v):  # logical [G, K, N] in float32
+        return dequantize(v, F32) if is_qarray(v) else v.astype(F32)
     m = x.shape[0]
     ends = jnp.cumsum(group_sizes)
     gid = jnp.searchsorted(ends, jnp.arange(m), side="right")
@@ -207,4 +204,4 @@ def grouped_matmul_reference(x, w, group_sizes, w_up=None):
     return jnp.where(valid[:, None], y, 0).astype(x.dtype)
 
 
-__all__ = ["QArray", "check_shapes", "grouped_matmul", "grouped_matmul_reference", "tile_map"]
+__all__ = ["check_shapes", "grouped_matmul", "grouped_matmul_reference", "tile_map"]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_prefill import mla_prefill
-from quant.qarray import is_qarray, map_leading, quantizes_activation
+from quant.qarray import is_qarray, map_leading, quantize_activation, quantizes_activation
 
 F32 = jnp.float32
 
@@ -41,8 +41,7 @@ def decode_attention(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale: float, kv
     n = q_lat.shape[1]
     s = cache_c.shape[1]
     bt = _tile(s, 64, "cache length")
-    n_pad = max(16, n) if n < 16 else -(-n // 16) * 16
-    bh = 16
+    n_pad = -(-n // 16) * 16  # heads in 16-row tiles (Triton's smallest dot)
     q_lat = jnp.pad(q_lat, ((0, 0), (0, n_pad - n), (0, 0)))
     q_pe = _pad_last(jnp.pad(q_pe, ((0, 0), (0, n_pad - n), (0, 0))), 16)
     cache_r = _pad_last(cache_r, 16)  # only models with a rope dim under 16 (test configs) pay this copy
@@ -51,7 +50,7 @@ def decode_attention(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale: float, kv
         if (s // bt) % cand == 0 and s // bt >= 2 * cand:
             splits = cand
             break
-    out = mla_decode(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale=sm_scale, kv_scale=kv_scale, bh=bh, bt=bt,
+    out = mla_decode(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale=sm_scale, kv_scale=kv_scale, bh=16, bt=bt,
                      splits=splits, interpret=interpret())
     return out[:, :n]
 
@@ -92,13 +91,11 @@ def moe_experts(we1, we3, we2, x, w, idx, layer=None) -> jax.Array:
     xs = x[token]  # [T*X, D]
     d, m = we1.shape[-2], we1.shape[-1]
     if quantizes_activation(w1):  # per row, its expert's static input scale
-        from quant.qarray import quantize_activation
         xs = quantize_activation(xs, w1.act, w1.input_scale[off + flat[order]], batch_ndim=1)
     bm = 16 if t * k <= 256 else 64
     h = grouped_matmul(xs, w1, sizes, w3, off, bm=bm, bn=_tile(m, 64, "expert width"),
                        bk=_tile(d, 64, "hidden size"), interpret=interpret())
     if quantizes_activation(w2):
-        from quant.qarray import quantize_activation
         h = quantize_activation(h, w2.act, w2.input_scale[off + flat[order]], batch_ndim=1)
     y = grouped_matmul(h, w2, sizes, None, off, bm=bm, bn=_tile(d, 64, "hidden size"),
                        bk=_tile(m, 64, "expert width"), interpret=interpret())

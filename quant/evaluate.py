@@ -78,22 +78,19 @@ def eval_quant(params, cfg: Config, tok, *, rows=DEFAULT_ROWS, n_problems: int =
         qp = quantize_params(base, r, calib)
         kv = calib["kv"] if r.kv_fp8 else None
         nats, agree, kl, count = 0.0, 0, 0.0, 0
-        lps = []
-        for i in range(0, len(all_rows), batch):
+        first = ref_lp is None  # the first row is the reference of agreement and KL
+        ref_lp = [] if first else ref_lp
+        for j, i in enumerate(range(0, len(all_rows), batch)):
             toks = jnp.asarray(all_rows[i:i + batch])
             lp = _logprobs(qp, toks, cfg=base_cfg)
-            lps.append(np.asarray(lp.argmax(-1)))
             if i < n_text:
                 nats -= float(jnp.take_along_axis(lp, toks[:, 1:, None], -1).sum())
-            if ref_lp is not None:
-                ref = ref_lp[i // batch]
-                agree += int((np.asarray(lp.argmax(-1)) == ref[0]).sum())
-                kl += float(jnp.sum(jnp.exp(ref[1]) * (ref[1] - lp)))
-                count += lp.shape[0] * lp.shape[1]
-            else:
-                lps[-1] = (np.asarray(lp.argmax(-1)), lp)
-        if ref_lp is None:
-            ref_lp = lps
+            if first:
+                ref_lp.append(lp)
+                continue
+            agree += int(jnp.sum(lp.argmax(-1) == ref_lp[j].argmax(-1)))
+            kl += float(jnp.sum(jnp.exp(ref_lp[j]) * (ref_lp[j] - lp)))
+            count += lp.shape[0] * lp.shape[1]
         acc = arithmetic_accuracy(qp, base_cfg, tok, n_problems, kinds=KINDS, kv_scale=kv)
         row = {"recipe": name, "label": LABELS.get(name, name),
                "bits_per_byte": nats / math.log(2) / (n_text * chunk),

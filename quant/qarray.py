@@ -220,10 +220,6 @@ def map_leading(fn, w):
                      input_scale=None if w.input_scale is None else fn(w.input_scale))
 
 
-def shape_of(w) -> tuple[int, ...]:
-    return w.shape
-
-
 def spec_for(spec, w):
     """The PartitionSpec(s) for w given the logical weight's spec: plain arrays keep it; a QArray's codes and
     scales move the reduction axis's entry last, its per-matrix scalars keep the batch axes' entries."""

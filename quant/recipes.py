@@ -136,9 +136,7 @@ def _q(w, recipe: Recipe, *, k_axis: int, batch_ndim: int, amax=None, input_scal
     if recipe.search:
         moved = jnp.moveaxis(w, k_axis, -1)
         if recipe.weight_fmt == "nvfp4":
-            a = amax if amax is not None else jnp.max(jnp.abs(moved.astype(F.F32)),
-                                                     axis=tuple(range(batch_ndim, moved.ndim)))
-            s_t = F.nvfp4_tensor_scale(a)
+            s_t = F.nvfp4_tensor_scale(_amax(w, batch_ndim) if amax is None else amax)
             block_scales = nvfp4_search_block_scales(moved, s_t.reshape(*s_t.shape, *([1] * (moved.ndim - batch_ndim))))
         else:
             block_scales = mxfp4_search_exponents(moved)
@@ -146,14 +144,15 @@ def _q(w, recipe: Recipe, *, k_axis: int, batch_ndim: int, amax=None, input_scal
                     input_scale=input_scale, mx_rule=recipe.mx_rule, block_scales=block_scales)
 
 
-def _amax(w, k_axis: int, batch_ndim: int):
-    return jnp.max(jnp.abs(w.astype(F.F32)), axis=tuple(i for i in range(w.ndim) if i >= batch_ndim))
+def _amax(w, batch_ndim: int):
+    """Per-matrix amax: over every axis after the leading batch (layer, expert) axes."""
+    return jnp.max(jnp.abs(w.astype(F.F32)), axis=tuple(range(batch_ndim, w.ndim)))
 
 
 def _gate_up(p, names, recipe, batch_ndim, scales):
     """Gate and up (w1, w3) share one per-tensor weight amax and one input scale, as the published recipe does."""
     w1, w3, w2 = (getattr(p, n) for n in names)
-    amax = jnp.maximum(_amax(w1, -2, batch_ndim), _amax(w3, -2, batch_ndim)) if recipe.weight_fmt == "nvfp4" else None
+    amax = jnp.maximum(_amax(w1, batch_ndim), _amax(w3, batch_ndim)) if recipe.weight_fmt == "nvfp4" else None
     s_in, s_hid = scales if scales is not None else (None, None)
     return {names[0]: _q(w1, recipe, k_axis=-2, batch_ndim=batch_ndim, amax=amax, input_scale=s_in),
             names[1]: _q(w3, recipe, k_axis=-2, batch_ndim=batch_ndim, amax=amax, input_scale=s_in),
