@@ -20,23 +20,41 @@ from model.forward import _prefill, decode_fn, prefill_fn
 from model.params import init, param_counts
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, between=None) -> float:
+    """Median wall time of fn() over `repeats` calls after a warm-up; between(), if given, runs after each call
+    (outside the timing)."""
     fn()  # warm-up (compiles)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if between is not None:
+            between()
     return statistics.median(times)
 
 
-def measure_matvec_bandwidth(n: int = 8192, repeats: int = 10) -> float:
-    """Bytes/s of y = W x for a float32 W of n x n (256 MiB at n = 8192): the read rate decode can hope for."""
-    w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda w, x: w @ x)
-    t = _median_time(lambda: f(w, x).block_until_ready(), repeats)
-    return w.nbytes / t
+class MatvecBandwidth:
+    """Bytes/s of y = W x for a float32 W of n x n (256 MiB at n = 8192): the read rate decode can hope for.
+
+    The rate this machine reaches moves by 10-20% over minutes (other tenants, clocks), so a benchmark takes
+    samples interleaved with its own timed runs (`sample()`), and compares medians taken over the same period."""
+
+    def __init__(self, n: int = 8192):
+        self.w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.x = jnp.ones((n,), jnp.float32)
+        self.f = jax.jit(lambda w, x: w @ x)
+        self.f(self.w, self.x).block_until_ready()
+        self.samples: list[float] = []
+
+    def sample(self, repeats: int = 3) -> float:
+        t = _median_time(lambda: self.f(self.w, self.x).block_until_ready(), repeats)
+        self.samples.append(self.w.nbytes / t)
+        return self.samples[-1]
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
 
 
 def expected_distinct_experts(cfg: Config, tokens: int) -> float:
@@ -65,7 +83,9 @@ def _decode_loop(params, cache, tok, cfg, steps):
     return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
 
-def bench_ours(cfg: Config, checkpoint: Path | None, args) -> dict:
+def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None) -> dict:
+    """tok/s per (kind, size). With `bandwidth`, a bandwidth sample is taken after each timed decode run, and
+    out[("bw", batch)] is the median of those samples."""
     if checkpoint is not None:
         from model.hf_checkpoint import load_hf_checkpoint
         params, _ = load_hf_checkpoint(checkpoint, cfg)
@@ -81,7 +101,11 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args) -> dict:
         logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
         first = jnp.argmax(logits, -1).astype(jnp.int32)
         run = lambda: jax.block_until_ready(_decode_loop(params, cache, first, cfg=cfg, steps=args.decode_steps))
-        out[("decode", b)] = b * args.decode_steps / _median_time(run, args.repeats)
+        n0 = len(bandwidth.samples) if bandwidth is not None else 0
+        out[("decode", b)] = b * args.decode_steps / _median_time(
+            run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
+        if bandwidth is not None:
+            out[("bw", b)] = statistics.median(bandwidth.samples[n0:])
     prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg",))  # no donation: the same empty cache each time
     for t in args.prefill_lengths:
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)

@@ -13,6 +13,7 @@ import hashlib
 import sysconfig
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def random_problem(rng: np.random.Generator, kind: str) -> Problem:
     return Problem(kind, int(a), int(b), NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))])
 
 
-TRAIN_MIX = {"add2": 0.45, "sub2": 0.2, "add3": 0.15, "mul": 0.2}
+TRAIN_MIX = {"add2": 0.55, "sub2": 0.15, "add3": 0.1, "mul": 0.2}
 
 
 def problems(rng: np.random.Generator, n: int, *, heldout: bool, kinds=KINDS) -> list[Problem]:
@@ -161,26 +162,48 @@ def problems(rng: np.random.Generator, n: int, *, heldout: bool, kinds=KINDS) ->
 
 # ---- training batches ---------------------------------------------------------------------------------------------
 
+class Batch(NamedTuple):
+    tokens: np.ndarray  # [B, T+1] int32
+    segments: np.ndarray  # [B, T+1] int32 document id within the row
+    weights: np.ndarray  # [B, T+1] float32 loss weight of predicting each token
+
+
 class Batcher:
-    """Sequences of seq_len + 1 tokens, each starting with <bos>: a text window (probability text_frac) or
-    arithmetic problems back to back. Deterministic given the seed."""
+    """Rows of seq_len + 1 tokens: a text window after <bos> (probability text_frac, one document), or arithmetic
+    problems packed back to back, each '<bos> question Answer: worked answer\n' its own document, so a problem is
+    seen exactly as at evaluation (position 0, no other problem in view). Worked-answer tokens get loss weight
+    answer_weight. Deterministic given the seed."""
 
     def __init__(self, corpus: TextCorpus, tok: ByteTokenizer, seq_len: int, batch: int, seed: int,
-                 text_frac: float = 0.5):
+                 text_frac: float = 0.5, answer_weight: float = 1.0):
         self.text = np.frombuffer(corpus.train.encode("utf-8"), np.uint8)
         self.tok, self.seq_len, self.batch, self.text_frac = tok, seq_len, batch, text_frac
+        self.answer_weight = answer_weight
         self.rng = np.random.default_rng(seed)
 
-    def _arith(self) -> list[int]:
-        ids = [self.tok.bos_id]
+    def _arith(self):
+        ids, seg, wts = [], [], []
         while len(ids) < self.seq_len + 1:
-            ids += self.tok.encode(problems(self.rng, 1, heldout=False)[0].text())
-        return ids[:self.seq_len + 1]
+            p = problems(self.rng, 1, heldout=False)[0]
+            q = self.tok.encode(p.prompt(), add_bos=True)
+            a = self.tok.encode(f" {p.worked}\n")
+            ids += q + a
+            doc = seg[-1] + 1 if seg else 0
+            seg += [doc] * (len(q) + len(a))
+            wts += [1.0] * len(q) + [self.answer_weight] * len(a)
+        n = self.seq_len + 1
+        return ids[:n], seg[:n], wts[:n]
 
-    def _text(self) -> list[int]:
+    def _text(self):
         start = int(self.rng.integers(0, len(self.text) - self.seq_len))
-        return [self.tok.bos_id, *self.text[start:start + self.seq_len].tolist()]
+        n = self.seq_len + 1
+        return [self.tok.bos_id, *self.text[start:start + self.seq_len].tolist()], [0] * n, [1.0] * n
+
+    def next_batch(self) -> Batch:
+        rows = [self._text() if self.rng.random() < self.text_frac else self._arith() for _ in range(self.batch)]
+        ids, seg, wts = zip(*rows)
+        return Batch(np.array(ids, np.int32), np.array(seg, np.int32), np.array(wts, np.float32))
 
     def next(self) -> np.ndarray:
-        rows = [self._text() if self.rng.random() < self.text_frac else self._arith() for _ in range(self.batch)]
-        return np.array(rows, np.int32)
+        """Tokens only (rows as one document each would see them)."""
+        return self.next_batch().tokens

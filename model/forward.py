@@ -21,7 +21,7 @@ from model.params import Layer, Moe, Params
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
-          layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla"):
+          layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla", segments=None):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
@@ -29,7 +29,8 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     a cache (training) nothing is written. layer: for MoE layers inside the scan, the layer index into whole
     [L, E, ...] expert stacks. train: differentiable experts, and the MoE's (load, balance) stats are returned.
     kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8. backend: "xla" or "pallas" (attention
-    and routed experts through pallas_kernels/).
+    and routed experts through pallas_kernels/). segments: [B, T] document ids of packed training rows (no cache):
+    a token attends only to earlier tokens of its own document.
     Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
@@ -47,7 +48,12 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
         a = attend_absorbed(p.attn, q_nope, q_pe, kv_load(cache_c, sc, x.dtype), kv_load(cache_r, sr, x.dtype), mask,
                             cfg.softmax_scale)
     else:
-        a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, causal_mask(x.shape[1]), cfg.softmax_scale, backend)
+        mask = causal_mask(x.shape[1])
+        if segments is not None:
+            if backend != "xla":
+                raise ValueError("packed documents (segments) are supported by the xla backend only")
+            mask = mask & (segments[:, :, None] == segments[:, None, :])
+        a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, mask, cfg.softmax_scale, backend)
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
     stats = None
@@ -62,7 +68,7 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
 
 
 def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode: bool, moe_impl: str,
-               train: bool = False, mesh=None, kv_scale=None, backend: str = "xla"):
+               train: bool = False, mesh=None, kv_scale=None, backend: str = "xla", segments=None):
     """lax.scan over a stack of layers. MoE expert stacks are not scanned but closed over whole and indexed by
     layer (see moe._expert_view), so a step reads only the experts it routes to."""
     experts = None
@@ -77,7 +83,7 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
             layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
         x, cc, cr, stats = block(layer, x, positions, cc, cr, cfg, decode=decode, moe_impl=moe_impl,
                                  layer=idx if experts is not None else None, train=train, mesh=mesh, kv_scale=ks,
-                                 backend=backend)
+                                 backend=backend, segments=segments)
         return x, (cc, cr, stats)
     n = stack.attn_norm.shape[0]
     x, (cache_c, cache_r, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), cache_c, cache_r, kv_scale))
@@ -85,8 +91,9 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
 
 
 def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config, *, decode: bool,
-            moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla"):
-    """Embed, all layers, final norm. tokens/positions: [B, T].
+            moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla", segments=None):
+    """Embed, all layers, final norm. tokens/positions: [B, T]; segments: [B, T] document ids of packed rows
+    (training without a cache only).
 
     Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R]); with
     train=True (no cache) returns (hidden, (load [Lm, E], balance [Lm])) instead.
@@ -101,7 +108,7 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
             if cache is None:
                 x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train,
-                                         backend=backend)
+                                         backend=backend, segments=segments)
                 stats = st if st is not None else stats
                 continue
             x, cc, cr, _ = _run_stack(stack, x, positions, c_kv[lo:hi], k_pe[lo:hi], cfg, decode, moe_impl,

@@ -16,19 +16,22 @@ from model.layers import dot, rms_norm
 from model.params import Params
 
 
-def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config, *, train: bool = False):
+def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config, *, train: bool = False,
+               positions=None, segments=None):
     """hidden: [B, T, D] main-model final-normed states at positions 0..T-1; next_tokens: [B, T] = t_{i+1}.
 
     Returns the MTP's normed hidden states [B, T, D] (position i predicts t_{i+2}) and, with train=True, the MTP
-    layer's (load, balance) stats.
+    layer's (load, balance) stats. positions: the main model's positions of `hidden` (default 0..T-1); the MTP
+    layer runs one position later. segments: [B, T] document ids of packed training rows.
     """
     m = params.mtp
     e = rms_norm(params.embed[next_tokens], m.enorm, cfg.rms_norm_eps)
     h = rms_norm(hidden, m.hnorm, cfg.rms_norm_eps)
     x = dot(jnp.concatenate([e, h], axis=-1), m.eh_proj, "BTK,KD->BTD")  # [B, T, D]
     b, t = next_tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32), (b, t))
-    x, _, _, stats = block(m.layer, x, positions, None, None, cfg, decode=False, train=train)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, _, _, stats = block(m.layer, x, positions + 1, None, None, cfg, decode=False, train=train, segments=segments)
     return rms_norm(x, m.norm, cfg.rms_norm_eps), stats
 
 

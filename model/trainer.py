@@ -25,7 +25,7 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")  # before any work
     tok = ByteTokenizer(cfg.vocab_size)
     corpus = stdlib_corpus()
-    batcher = Batcher(corpus, tok, tc.seq_len, tc.batch, tc.seed, tc.text_frac)
+    batcher = Batcher(corpus, tok, tc.seq_len, tc.batch, tc.seed, tc.text_frac, tc.answer_weight)
     params = init(cfg, jax.random.key(tc.seed), std="fan_in")
     opt = make_optimizer(tc)
     opt_state = opt.init(params)
@@ -33,9 +33,10 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
     t0 = time.perf_counter()
     tokens_seen = 0
     for step in range(1, tc.steps + 1):
-        batch = batcher.next()
-        params, opt_state, m = train_step(params, opt_state, batch, cfg=cfg, tc=tc, opt=opt)
-        tokens_seen += batch.size - batch.shape[0]
+        tokens, segments, weights = batcher.next_batch()
+        params, opt_state, m = train_step(params, opt_state, tokens, cfg=cfg, tc=tc, opt=opt,
+                                          segments=segments if tc.pack_documents else None, weights=weights)
+        tokens_seen += tokens.size - tokens.shape[0]
         if step % log_every == 0 or step == tc.steps or step == 1:
             m = jax.tree.map(np.asarray, m)
             el = time.perf_counter() - t0

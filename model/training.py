@@ -35,26 +35,49 @@ class TrainConfig:
     bias_update_speed: float = 0.02  # gamma (DeepSeek-V3: 1e-3 over a far longer run)
     seed: int = 0
     text_frac: float = 0.3
+    pack_documents: bool = True  # arithmetic rows: each problem its own document (own positions, no cross-attention)
+    answer_weight: float = 2.0  # loss weight of worked-answer tokens relative to question and text tokens
 
 
-def _ce(logits, targets):
+def _ce(logits, targets, weights=None):
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if weights is None:
+        return jnp.mean(nll)
+    return jnp.sum(weights * nll) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
-def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig):
-    """tokens: [B, T+1]. Returns (loss, metrics with per-layer loads [Lm(+1), E])."""
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """[B, T] document ids -> each token's position within its document (0 at every document start)."""
+    t = segments.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segments.shape)
+    new = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+
+
+def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig, segments=None, weights=None):
+    """tokens: [B, T+1]. segments: [B, T+1] document ids of packed rows (None: one document per row), weights:
+    [B, T+1] loss weight of predicting each token (None: all 1). A target in another document than the token that
+    predicts it is never scored. Returns (loss, metrics with per-layer loads [Lm(+1), E])."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    b, t = inp.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, (load, balance) = forward(params, None, inp, positions, cfg, decode=False, train=True)
-    ce = _ce(lm_logits(params, hidden), tgt)
+    if weights is None:
+        weights = jnp.ones(tokens.shape, jnp.float32)
+    seg_in = None if segments is None else segments[:, :-1]
+    if segments is None:
+        segments = jnp.zeros(tokens.shape, jnp.int32)
+    positions = segment_positions(segments[:, :-1])
+    w_main = weights[:, 1:] * (segments[:, 1:] == segments[:, :-1])  # predicting token i+1 from position i
+    w_mtp = weights[:, 2:] * (segments[:, 2:] == segments[:, :-2])  # the MTP's token i+2 from position i
+    hidden, (load, balance) = forward(params, None, inp, positions, cfg, decode=False, train=True, segments=seg_in)
+    ce = _ce(lm_logits(params, hidden), tgt, w_main)
     loss = ce + tc.balance_alpha * balance.sum()
     metrics = {"ce": ce, "balance": balance.mean()}
     if params.mtp is not None:
         # position i (< T-1) sees h_i and t_{i+1} = tgt[:, i] and predicts t_{i+2} = tgt[:, i+1]
-        h_mtp, (mload, mbal) = mtp_hidden(params, hidden[:, :-1], tgt[:, :-1], cfg, train=True)
-        mtp_ce = _ce(lm_logits(params, h_mtp), tgt[:, 1:])
+        h_mtp, (mload, mbal) = mtp_hidden(params, hidden[:, :-1], tgt[:, :-1], cfg, train=True,
+                                          positions=positions[:, :-1],
+                                          segments=None if seg_in is None else seg_in[:, :-1])
+        mtp_ce = _ce(lm_logits(params, h_mtp), tgt[:, 1:], w_mtp)
         loss = loss + tc.mtp_weight * mtp_ce + tc.balance_alpha * mbal
         metrics["mtp_ce"] = mtp_ce
         load = jnp.concatenate([load, mload[None]])
@@ -97,8 +120,8 @@ def _zero_bias_grads(grads: Params) -> Params:
 
 
 @partial(jax.jit, static_argnames=("cfg", "tc", "opt"), donate_argnames=("params", "opt_state"))
-def train_step(params: Params, opt_state, tokens, cfg: Config, tc: TrainConfig, opt):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, cfg, tc)
+def train_step(params: Params, opt_state, tokens, cfg: Config, tc: TrainConfig, opt, segments=None, weights=None):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, cfg, tc, segments, weights)
     grads = _zero_bias_grads(grads)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

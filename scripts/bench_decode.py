@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from model.bench import (bench_ours, decode_bytes_per_step, measure_matvec_bandwidth, try_hf)  # noqa: E402
+from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, try_hf  # noqa: E402
 from model.config import get_preset  # noqa: E402
 
 
@@ -38,36 +38,42 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    bw = measure_matvec_bandwidth()
+    meter = MatvecBandwidth()
+    bw0 = meter.sample(10)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"matrix-vector read bandwidth {bw / 1e9:.2f} GB/s (f32 256 MiB matrix, median)")
+          f"matrix-vector read bandwidth {bw0 / 1e9:.2f} GB/s at the start (f32 256 MiB matrix, median of 10); "
+          f"each decode row is compared with the median of samples taken between its own timed runs")
     rows = []
     for name in args.presets:
         cfg = get_preset(name)
         with tempfile.TemporaryDirectory() as tmp:
             hf = None if args.no_hf else try_hf(cfg, Path(tmp))
-            ours = bench_ours(cfg, hf.checkpoint if hf else None, args)
+            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter)
             theirs = hf.bench(args) if hf else {}
         for key, tps in ours.items():
             kind, n = key
+            if kind == "bw":
+                continue
             row = {"preset": name, "kind": kind, "size": n, "ours_tok_s": tps, "hf_tok_s": theirs.get(key)}
             if kind == "decode":
-                nbytes = decode_bytes_per_step(cfg, n)
-                row.update(bytes_per_step=nbytes, achieved_gb_s=nbytes * tps / n / 1e9,
+                nbytes, bw = decode_bytes_per_step(cfg, n), ours[("bw", n)]
+                row.update(bytes_per_step=nbytes, achieved_gb_s=nbytes * tps / n / 1e9, bw_gb_s=bw / 1e9,
                            frac_of_bw=nbytes * tps / n / bw)
             rows.append(row)
     print(f"\n{'preset':7} {'what':8} {'B/T':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} "
-          f"{'MB/step':>8} {'GB/s':>6} {'of bw':>6}")
+          f"{'MB/step':>8} {'GB/s':>6} {'bw GB/s':>8} {'of bw':>6}")
     for r in rows:
         hf_s = f"{r['hf_tok_s']:9.1f}" if r["hf_tok_s"] else f"{'-':>9}"
         ratio = f"{r['ours_tok_s'] / r['hf_tok_s']:6.2f}" if r["hf_tok_s"] else f"{'-':>6}"
-        extra = (f"{r['bytes_per_step'] / 1e6:8.1f} {r['achieved_gb_s']:6.2f} {r['frac_of_bw']:6.0%}"
+        extra = (f"{r['bytes_per_step'] / 1e6:8.1f} {r['achieved_gb_s']:6.2f} {r['bw_gb_s']:8.2f} "
+                 f"{r['frac_of_bw']:6.0%}"
                  if r["kind"] == "decode" else "")
         print(f"{r['preset']:7} {r['kind']:8} {r['size']:5d} {r['ours_tok_s']:11.1f} {hf_s} {ratio} {extra}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": platform.machine(), "cores": os.cpu_count(),
-                                               "jax": jax.__version__, "matvec_bw": bw, "rows": rows,
+                                               "jax": jax.__version__, "matvec_bw_start": bw0,
+                                               "matvec_bw_samples": meter.samples, "rows": rows,
                                                "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
 
 

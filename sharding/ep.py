@@ -46,7 +46,7 @@ def experts_ep(we1, we3, we2, x, w, idx, layer, mesh):
         token = order // k
         sizes = jnp.bincount(flat, length=e_local + 1)[:e_local]
         views, offset = _local_experts((we1, we3, we2), layer if stacked else None, e_local)
-        ys = grouped_swiglu(x[token], *views, sizes, _tile_rows(t * k, e_local), expert_offset=offset)
+        ys = grouped_swiglu(x[token], *views, sizes, _tile_rows(t * k, e_local, t), expert_offset=offset)
         ys = ys * jnp.where(mine, w, 0.0).reshape(-1)[order][:, None]
         out = jnp.zeros((t, x.shape[1]), F32).at[token].add(ys)
         with jax.named_scope("ep_psum"):

@@ -8,7 +8,7 @@ from model import TINY
 from model.data import Batcher, problems, stdlib_corpus
 from model.tokenizer import ByteTokenizer
 from model.trainer import train
-from model.training import TrainConfig, make_optimizer, train_step, update_router_bias
+from model.training import TrainConfig, loss_fn, make_optimizer, train_step, update_router_bias
 from tests.helpers import random_params
 
 CFG = TINY.replace(num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257)
@@ -47,6 +47,56 @@ def test_train_step_updates_bias_by_the_rule_not_by_gradient():
     want = old_bias - 0.01 * np.sign(load - load.mean(-1, keepdims=True))
     np.testing.assert_allclose(np.asarray(p2.moe_layers.ffn.e_bias), want, atol=1e-7)
     assert m["load"].shape == (CFG.n_moe_layers + 1, CFG.n_routed_experts)
+
+
+def test_packed_documents_see_only_themselves():
+    """A packed row's second document gives the same hidden states and loss terms as that document alone."""
+    tok = ByteTokenizer()
+    b = Batcher(stdlib_corpus(), tok, 256, 2, seed=0, text_frac=0.0, answer_weight=3.0)
+    tokens, seg, w = b.next_batch()
+    assert seg[0, 0] == 0 and seg[0].max() >= 1 and np.all(np.diff(seg[0]) >= 0)
+    starts = np.flatnonzero(np.diff(seg[0])) + 1
+    assert np.all(tokens[0, starts] == tok.bos_id) and tokens[0, 0] == tok.bos_id
+    # worked answers (after 'Answer:') are weighted, questions are not
+    first = tok.decode(tokens[0, :starts[0]].tolist())
+    n_q = len(tok.encode(first.split("Answer:")[0] + "Answer:", add_bos=True))
+    assert np.all(w[0, :n_q] == 1.0) and np.all(w[0, n_q:starts[0]] == 3.0)
+
+    p = random_params(CFG, seed=0, with_mtp=True)
+    lo, hi = starts[0], starts[1] if len(starts) > 1 else tokens.shape[1]
+    from model.forward import forward
+    from model.training import segment_positions
+    inp = jnp.asarray(tokens[:1, :-1])
+    segs = jnp.asarray(seg[:1, :-1])
+    pos = segment_positions(segs)
+    assert int(pos[0, lo]) == 0 and int(pos[0, lo - 1]) == lo - 1
+    packed, _ = forward(p, None, inp, pos, CFG, decode=False, train=True, segments=segs)
+    alone_tok = jnp.asarray(tokens[:1, lo:hi])
+    alone, _ = forward(p, None, alone_tok, jnp.arange(hi - lo)[None], CFG, decode=False, train=True)
+    n = min(hi, inp.shape[1]) - lo
+    np.testing.assert_allclose(np.asarray(packed[0, lo:lo + n]), np.asarray(alone[0, :n]), rtol=2e-5, atol=2e-5)
+    # the twin: without the document mask the second problem sees the first, and differs
+    leaky, _ = forward(p, None, inp, pos, CFG, decode=False, train=True)
+    assert np.abs(np.asarray(leaky[0, lo:lo + n]) - np.asarray(alone[0, :n])).max() > 1e-2
+
+
+def test_packed_loss_skips_cross_document_targets():
+    tc = TrainConfig()
+    p = random_params(CFG, seed=2, with_mtp=True)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, size=(1, 41)).astype(np.int32)
+    seg = np.zeros((1, 41), np.int32)
+    seg[:, 20:] = 1
+    w = np.ones((1, 41), np.float32)
+    base, _ = loss_fn(p, tokens, CFG, tc, seg, w)
+    # the first token of document 1 is predicted by document 0's last token: its weight must not matter
+    w2 = w.copy()
+    w2[0, 20] = 100.0
+    other, _ = loss_fn(p, tokens, CFG, tc, seg, w2)
+    np.testing.assert_allclose(float(base), float(other), rtol=1e-6)
+    # and a token inside a document does count
+    w2[0, 25] = 100.0
+    assert abs(float(loss_fn(p, tokens, CFG, tc, seg, w2)[0]) - float(base)) > 1e-3
 
 
 def test_heldout_splits_never_reach_training():
