@@ -56,7 +56,6 @@ class MatvecBandwidth:
         return statistics.median(self.samples)
 
 
-
 def expected_distinct_experts(cfg: Config, tokens: int) -> float:
     """E (1 - (1 - X/E)^T): experts a layer touches for T tokens under uniform routing."""
     e, x = cfg.n_routed_experts, cfg.num_experts_per_tok
