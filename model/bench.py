@@ -20,7 +20,7 @@ from model.forward import _prefill, decode_fn, prefill_fn
 from model.params import init, param_counts
 
 
-def _median_time(fn, repeats: int, between=None) -> float:
+def median_time(fn, repeats: int, between=None) -> float:
     """Median wall time of fn() over `repeats` calls after a warm-up; between(), if given, runs after each call
     (outside the timing)."""
     fn()  # warm-up (compiles)
@@ -48,7 +48,7 @@ class MatvecBandwidth:
         self.samples: list[float] = []
 
     def sample(self, repeats: int = 3) -> float:
-        t = _median_time(lambda: self.f(self.w, self.x).block_until_ready(), repeats)
+        t = median_time(lambda: self.f(self.w, self.x).block_until_ready(), repeats)
         self.samples.append(self.w.nbytes / t)
         return self.samples[-1]
 
@@ -101,7 +101,7 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         first = jnp.argmax(logits, -1).astype(jnp.int32)
         run = lambda: jax.block_until_ready(_decode_loop(params, cache, first, cfg=cfg, steps=args.decode_steps))
         n0 = len(bandwidth.samples) if bandwidth is not None else 0
-        out[("decode", b)] = b * args.decode_steps / _median_time(
+        out[("decode", b)] = b * args.decode_steps / median_time(
             run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
         if bandwidth is not None:
             out[("bw", b)] = statistics.median(bandwidth.samples[n0:])
@@ -110,7 +110,7 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
         cache = init_cache(cfg, 1, t)
         run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
-        out[("prefill", t)] = t / _median_time(run, args.repeats)
+        out[("prefill", t)] = t / median_time(run, args.repeats)
     return out
 
 
@@ -150,12 +150,12 @@ class HFModel:
                 ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(b, prompt)))
                 gen = lambda n: self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                     pad_token_id=0, eos_token_id=None)
-                t_full = _median_time(lambda: gen(args.decode_steps + 1), args.repeats)
-                t_first = _median_time(lambda: gen(1), args.repeats)
+                t_full = median_time(lambda: gen(args.decode_steps + 1), args.repeats)
+                t_first = median_time(lambda: gen(1), args.repeats)
                 out[("decode", b)] = b * args.decode_steps / max(t_full - t_first, 1e-9)
             for t in args.prefill_lengths:
                 ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(1, t)))
-                out[("prefill", t)] = t / _median_time(lambda: self.model(ids, logits_to_keep=1), args.repeats)
+                out[("prefill", t)] = t / median_time(lambda: self.model(ids, logits_to_keep=1), args.repeats)
         return out
 
 

@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,15 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-
-def _median_time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from model.bench import median_time  # noqa: E402
 
 
 def _loop(w, x):
@@ -70,7 +60,7 @@ def main():
         x = jax.random.normal(jax.random.key(1), (d,), jnp.float32)
         for name, (fn, build) in forms(args.experts).items():
             arg = jax.block_until_ready(build(w))
-            gbs = w.nbytes / _median_time(fn, (arg, x), args.repeats) / 1e9
+            gbs = w.nbytes / median_time(lambda: jax.block_until_ready(fn(arg, x)), args.repeats) / 1e9
             rows.append({"d": d, "m": m, "form": name, "gb_s": gbs})
             print(f"{shape:>10}  {d * m * 4 / 2**20:7.1f}  {name:<20} {gbs:7.2f}")
             del arg

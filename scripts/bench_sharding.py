@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model.bench import _median_time  # noqa: E402
+from model.bench import median_time  # noqa: E402
 from model.cache import init_cache  # noqa: E402
 from model.config import get_preset  # noqa: E402
 from model.forward import _decode, _prefill  # noqa: E402
@@ -43,7 +43,7 @@ def run(cfg, params, mesh, batch, steps, repeats):
             tok = jnp.argmax(logits, -1).astype(jnp.int32)
         return tok.block_until_ready()
 
-    t = _median_time(one, repeats)
+    t = median_time(one, repeats)
     return batch * steps / t
 
 
