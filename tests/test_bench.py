@@ -1,0 +1,50 @@
+"""The numbers the benchmarks divide by: bytes per decode step, expected distinct experts, and the matvec forms."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.bench import decode_bytes_per_step, expected_distinct_experts
+from model.config import SMALL, TINY
+from model.params import param_counts
+
+
+@pytest.mark.parametrize("cfg", [TINY, SMALL], ids=["tiny", "small"])
+def test_decode_bytes_at_batch_one_are_the_activated_weights(cfg):
+    """One token reads DeepSeek's 'activated' parameters, except that the embedding is one row, not the table."""
+    c = param_counts(cfg)
+    item = jnp.dtype(cfg.param_dtype).itemsize
+    want = (c["activated"] - c["embed"] + cfg.hidden_size) * item
+    assert decode_bytes_per_step(cfg, 1) == pytest.approx(want, rel=1e-12)
+    # a batch large enough touches every expert: the whole main model but the embedding table
+    b = 4096
+    assert decode_bytes_per_step(cfg, b) == pytest.approx((c["total"] - c["embed"] + b * cfg.hidden_size) * item,
+                                                          rel=1e-6)
+
+
+def test_expected_distinct_experts_matches_sampling():
+    rng = np.random.default_rng(0)
+    e, x = SMALL.n_routed_experts, SMALL.num_experts_per_tok
+    for tokens in (1, 8, 32):
+        trials = [len(np.unique(np.concatenate([rng.choice(e, x, replace=False) for _ in range(tokens)])))
+                  for _ in range(2000)]
+        assert np.mean(trials) == pytest.approx(expected_distinct_experts(SMALL, tokens), rel=0.02), tokens
+
+
+def test_matvec_forms_compute_the_same_product():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_matvec.py"
+    spec = importlib.util.spec_from_file_location("bench_matvec", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    w = jax.random.normal(jax.random.key(0), (3, 16, 8), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (16,), jnp.float32)
+    want = np.einsum("d,edm->m", np.asarray(x), np.asarray(w))
+    for name, (fn, build) in mod.forms(3).items():
+        got = np.asarray(fn(build(w), x))
+        if name == "one dot":  # [E*M] products, one per expert row block
+            got = got.reshape(3, 8).sum(0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
