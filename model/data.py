@@ -203,7 +203,3 @@ class Batcher:
         rows = [self._text() if self.rng.random() < self.text_frac else self._arith() for _ in range(self.batch)]
         ids, seg, wts = zip(*rows)
         return Batch(np.array(ids, np.int32), np.array(seg, np.int32), np.array(wts, np.float32))
-
-    def next(self) -> np.ndarray:
-        """Tokens only (rows as one document each would see them)."""
-        return self.next_batch().tokens

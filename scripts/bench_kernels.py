@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.bench import median_time
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
 from quant.qarray import quantize
@@ -29,14 +30,8 @@ from quant.qarray import quantize
 PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12), "B200": (8e12, 2250e12)}
 
 
-def median_time(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+def time_call(fn, *args, repeats: int = 5) -> float:
+    return median_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def machine_peaks():
@@ -45,10 +40,10 @@ def machine_peaks():
         if name in kind:
             return kind, peaks, "published"
     x = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)
-    t = median_time(jax.jit(lambda a: a * 1.0001), x)
+    t = time_call(jax.jit(lambda a: a * 1.0001), x)
     bw = 2 * x.nbytes / t
     a = jnp.ones((1024, 1024), jnp.float32)
-    flops = 2 * 1024 ** 3 / median_time(jax.jit(lambda a: a @ a), a)
+    flops = 2 * 1024 ** 3 / time_call(jax.jit(lambda a: a @ a), a)
     return kind, (bw, flops), "measured"
 
 
@@ -78,13 +73,13 @@ def bench_grouped(gpu: bool, peaks, dtype):
         bn, bk = (128, 64) if gpu else (64, 64)
         gm = jax.jit(lambda x, w, s, bm=bm, bn=bn, bk=bk: grouped_matmul(x, w, s, bm=bm, bn=bn, bk=bk, interpret=interp))
         rd = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32))
-        t_rd = median_time(rd, x, w, sizes)
+        t_rd = time_call(rd, x, w, sizes)
         flops = 2 * rows * d * m
         act = rows * d * 2 + rows * m * 2
-        t_bf = median_time(gm, x, w, sizes)
+        t_bf = time_call(gm, x, w, sizes)
         out.append(row(f"grouped_matmul {jnp.dtype(dtype).name}", f"tokens {b} x top{topk}, E{e} D{d} M{m}", used * d * m * 2 + act,
                        flops, t_bf, t_rd, peaks))
-        t_q = median_time(gm, x, wq, sizes)
+        t_q = time_call(gm, x, wq, sizes)
         packed = used * (d * m // 2 + d * m // 16) + act  # codes + E4M3 scales, counted as stored
         out.append(row("grouped_matmul nvfp4", f"tokens {b} x top{topk}, E{e} D{d} M{m}", packed, flops, t_q, t_rd,
                        peaks))
@@ -111,7 +106,7 @@ def bench_mla(gpu: bool, peaks, dtype):
         bytes_ = b * s * (c + r) * 2 + b * n * (c + r) * 2 + b * n * c * 4
         flops = 2 * b * n * s * (c + r) + 2 * b * n * s * c
         out.append(row(f"mla_decode {jnp.dtype(dtype).name}", f"batch {b}, context {s}, heads {n}, latent {c}+{r}", bytes_, flops,
-                       median_time(ker, q, qp, ck, kr, lens), median_time(ref, q, qp, ck, kr, lens), peaks))
+                       time_call(ker, q, qp, ck, kr, lens), time_call(ref, q, qp, ck, kr, lens), peaks))
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 from model import TINY, init_cache, prefill
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.cli import BUNDLED_CHECKPOINT, load_any
+from model.evaluate import arithmetic_accuracy
 from model.hf_checkpoint import CheckpointError
 from tests.helpers import random_params
 
@@ -90,7 +91,6 @@ def test_bundled_checkpoint_loads_and_generates():
 def test_bundled_model_does_two_digit_addition():
     """The quality claim of the README, kept true: exact match on held-out 2-digit addition (96.0% on 200 problems
     when trained; 60 problems here, so the bar leaves room for sampling noise but not for a broken model)."""
-    from model.evaluate import arithmetic_accuracy
     params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
     acc = arithmetic_accuracy(params, cfg, tok, 60, kinds=("add2",))["add2"]
     assert acc >= 0.85, acc

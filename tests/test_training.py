@@ -6,9 +6,11 @@ import pytest
 
 from model import TINY
 from model.data import Batcher, problems, stdlib_corpus
+from model.forward import forward
 from model.tokenizer import ByteTokenizer
 from model.trainer import train
-from model.training import TrainConfig, loss_fn, make_optimizer, train_step, update_router_bias
+from model.training import (TrainConfig, loss_fn, make_optimizer, segment_positions, train_step,
+                            update_router_bias)
 from tests.helpers import random_params
 
 CFG = TINY.replace(num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257)
@@ -64,8 +66,6 @@ def test_packed_documents_see_only_themselves():
 
     p = random_params(CFG, seed=0, with_mtp=True)
     lo, hi = starts[0], starts[1] if len(starts) > 1 else tokens.shape[1]
-    from model.forward import forward
-    from model.training import segment_positions
     inp = jnp.asarray(tokens[:1, :-1])
     segs = jnp.asarray(seg[:1, :-1])
     pos = segment_positions(segs)
@@ -106,7 +106,8 @@ def test_heldout_splits_never_reach_training():
     corpus = stdlib_corpus()
     assert len(corpus.train) > 1_000_000 and len(corpus.heldout) > 50_000
     b = Batcher(corpus, ByteTokenizer(), 64, 4, seed=0)
-    assert b.next().shape == (4, 65)
+    batch = b.next_batch()
+    assert batch.tokens.shape == batch.segments.shape == batch.weights.shape == (4, 65)
     # whole docstrings repeated across modules are dropped from held-out; a shared paragraph may remain
     starts = np.random.default_rng(0).integers(0, len(corpus.heldout) - 200, 200)
     overlap = sum(corpus.heldout[s:s + 200] in corpus.train for s in starts)
