@@ -67,23 +67,33 @@ def arithmetic_accuracy(params, cfg: Config, tok, n: int, seed: int = 1234, kind
     return out
 
 
+def max_over_mean(load) -> list[float]:
+    """Per layer: the busiest expert's load over the mean load (1.0 is perfectly balanced)."""
+    load = np.asarray(load)
+    return (load.max(-1) / load.mean(-1)).round(3).tolist()
+
+
+def expert_load(params, cfg: Config, tok, *, text_bytes: int = 60000, n_problems: int = 400) -> dict:
+    """The router's load per MoE layer on held-out text, on held-out arithmetic, and on both: max/mean lists,
+    plus the held-out text bits per byte computed on the way."""
+    held = stdlib_corpus().heldout[:text_bytes]
+    bpb, load_text = text_bits_per_byte(params, cfg, tok, held)
+    arith = "".join(p.text() for p in problems(np.random.default_rng(99), n_problems, heldout=True))
+    _, load_arith = text_bits_per_byte(params, cfg, tok, arith)
+    return {"bits_per_byte": bpb, "heldout_text_bytes": len(held.encode("utf-8")),
+            "expert_load_max_over_mean": {"heldout_text": max_over_mean(load_text),
+                                          "heldout_arithmetic": max_over_mean(load_arith),
+                                          "both": max_over_mean(np.asarray(load_text) + np.asarray(load_arith))}}
+
+
 def evaluate(params, cfg: Config, tok, *, n_problems: int = 200, text_bytes: int = 60000) -> dict:
     corpus = stdlib_corpus()
-    held = corpus.heldout[:text_bytes]
-    bpb, load_text = text_bits_per_byte(params, cfg, tok, held)
-    arith = "".join(p.text() for p in problems(np.random.default_rng(99), 400, heldout=True))
-    _, load_arith = text_bits_per_byte(params, cfg, tok, arith)
-
-    def imbalance(load):
-        load = np.asarray(load)
-        return (load.max(-1) / load.mean(-1)).round(3).tolist()
-    return {"heldout_text_bytes": len(held.encode("utf-8")), "bits_per_byte": bpb,
-            "unigram_bits_per_byte": unigram_bits_per_byte(corpus.train, held),
+    loads = expert_load(params, cfg, tok, text_bytes=text_bytes)
+    return {"heldout_text_bytes": loads["heldout_text_bytes"], "bits_per_byte": loads["bits_per_byte"],
+            "unigram_bits_per_byte": unigram_bits_per_byte(corpus.train, corpus.heldout[:text_bytes]),
             "arithmetic_exact_match": arithmetic_accuracy(params, cfg, tok, n_problems),
             "problems_per_kind": n_problems,
-            "expert_load_max_over_mean": {"heldout_text": imbalance(load_text),
-                                          "heldout_arithmetic": imbalance(load_arith),
-                                          "both": imbalance(np.asarray(load_text) + np.asarray(load_arith))}}
+            "expert_load_max_over_mean": loads["expert_load_max_over_mean"]}
 
 
 def format_table(r: dict) -> str:

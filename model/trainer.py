@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config
 from model.data import Batcher, stdlib_corpus
+from model.hf_checkpoint import CheckpointError
 from model.params import init
 from model.tokenizer import ByteTokenizer
 from model.training import TrainConfig, make_optimizer, train_step
@@ -20,13 +21,25 @@ from model.training import TrainConfig, make_optimizer, train_step
 
 def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = False, log=sys.stdout,
           log_every: int = 10):
-    """Train from scratch; returns (params, history). Saves to `out` unless it is None."""
+    """Train from a random init, or from the checkpoint `tc.init_from` (its config must equal `cfg`; the optimizer
+    starts afresh). Returns (params, history). Saves to `out` unless it is None."""
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")  # before any work
+    parent = None
+    if tc.init_from:
+        params, ckpt_cfg, parent = load_checkpoint(tc.init_from)
+        if ckpt_cfg != cfg:
+            diff = {f.name: (getattr(ckpt_cfg, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                    if getattr(ckpt_cfg, f.name) != getattr(cfg, f.name)}
+            raise CheckpointError(f"--init-from {tc.init_from}: its config differs from the one to train "
+                             f"(field: (checkpoint, requested)): {diff}")
+        if params.mtp is None and cfg.num_nextn_predict_layers:
+            raise CheckpointError(f"--init-from {tc.init_from} has no MTP module but the config asks for one")
     tok = ByteTokenizer(cfg.vocab_size)
     corpus = stdlib_corpus()
     batcher = Batcher(corpus, tok, tc.seq_len, tc.batch, tc.seed, tc.text_frac, tc.answer_weight)
-    params = init(cfg, jax.random.key(tc.seed), std="fan_in")
+    if parent is None:
+        params = init(cfg, jax.random.key(tc.seed), std="fan_in")
     opt = make_optimizer(tc)
     opt_state = opt.init(params)
     history = []
@@ -55,6 +68,8 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
         meta = {"steps": tc.steps, "train_config": dataclasses.asdict(tc), "arithmetic_mix": TRAIN_MIX,
                 "data": corpus.source,
                 "data_sha256": corpus.sha256, "final": history[-1], "jax": jax.__version__}
+        if parent is not None:  # the whole lineage: what the starting checkpoint was trained with
+            meta["init_from"] = {"path": str(tc.init_from), "training": parent.get("training")}
         save_checkpoint(out, params, cfg, tokenizer=tok.describe(), training=meta, overwrite=overwrite)
         print(f"saved {out}", file=log)
     return params, history

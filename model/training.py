@@ -37,6 +37,7 @@ class TrainConfig:
     text_frac: float = 0.3
     pack_documents: bool = True  # arithmetic rows: each problem its own document (own positions, no cross-attention)
     answer_weight: float = 2.0  # loss weight of worked-answer tokens relative to question and text tokens
+    init_from: str = ""  # a checkpoint to continue from (fresh optimizer state); empty: random init
 
 
 def _ce(logits, targets, weights=None):

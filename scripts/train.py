@@ -2,6 +2,10 @@
 
     python scripts/train.py                                   # about 20 minutes on 2 cores
     python scripts/train.py --steps 50 --out /tmp/ckpt        # a quick run
+    python scripts/train.py --init-from /tmp/ckpt --steps 300 --lr 3e-4 --out /tmp/ckpt2   # continue a checkpoint
+
+The bundled checkpoint is two runs: the 1,700-step pre-training above, then a 300-step balance phase continued from
+it (see the README, "The bundled model").
 """
 
 import argparse
@@ -11,16 +15,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import get_preset  # noqa: E402
-from model.training import TrainConfig  # noqa: E402
+from model.checkpoint import read_meta  # noqa: E402
+from model.config import Config, get_preset  # noqa: E402
+from model.hf_checkpoint import CheckpointError  # noqa: E402
 from model.trainer import train  # noqa: E402
+from model.training import TrainConfig  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model" / "bundled" / "checkpoint"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bundled")
+    ap.add_argument("--preset", default=None,
+                    help="model config (default: the checkpoint's with --init-from, else 'bundled')")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -31,9 +38,18 @@ def main():
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    cfg = get_preset(args.preset)
+    if args.preset is None and tc.init_from:
+        try:
+            cfg = Config.from_dict(read_meta(tc.init_from)["config"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            ap.error(f"--init-from {tc.init_from}: {e}")
+    else:
+        cfg = get_preset(args.preset or "bundled")
     print(f"config: {cfg}\ntraining: {tc}")
-    train(cfg, tc, Path(args.out), overwrite=args.overwrite)
+    try:
+        train(cfg, tc, Path(args.out), overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError) as e:  # raised before any training
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

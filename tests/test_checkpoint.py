@@ -8,7 +8,7 @@ import pytest
 from model import TINY, init_cache, prefill
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.cli import BUNDLED_CHECKPOINT, load_any
-from model.evaluate import arithmetic_accuracy
+from model.evaluate import arithmetic_accuracy, expert_load
 from model.hf_checkpoint import CheckpointError
 from tests.helpers import random_params
 
@@ -89,8 +89,18 @@ def test_bundled_checkpoint_loads_and_generates():
 
 
 def test_bundled_model_does_two_digit_addition():
-    """The quality claim of the README, kept true: exact match on held-out 2-digit addition (96.0% on 200 problems
+    """The quality claim of the README, kept true: exact match on held-out 2-digit addition (99.0% on 200 problems
     when trained; 60 problems here, so the bar leaves room for sampling noise but not for a broken model)."""
     params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
     acc = arithmetic_accuracy(params, cfg, tok, 60, kinds=("add2",))["add2"]
     assert acc >= 0.85, acc
+
+
+def test_bundled_model_balances_its_experts_on_each_domain():
+    """The README's load figures: on held-out text alone, arithmetic alone and both, every MoE layer's busiest
+    expert gets under 2x the mean load."""
+    params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
+    loads = expert_load(params, cfg, tok)["expert_load_max_over_mean"]
+    assert set(loads) == {"heldout_text", "heldout_arithmetic", "both"}
+    for split, per_layer in loads.items():
+        assert len(per_layer) == cfg.n_moe_layers and max(per_layer) < 2.0, (split, per_layer)

@@ -1,16 +1,19 @@
+import dataclasses
 import io
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import TINY
+from model.checkpoint import read_meta
 from model.data import Batcher, problems, stdlib_corpus
 from model.forward import forward
+from model.hf_checkpoint import CheckpointError
 from model.tokenizer import ByteTokenizer
 from model.trainer import train
-from model.training import (TrainConfig, loss_fn, make_optimizer, segment_positions, train_step,
-                            update_router_bias)
+from model.training import TrainConfig, loss_fn, make_optimizer, segment_positions, train_step, update_router_bias
 from tests.helpers import random_params
 
 CFG = TINY.replace(num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257)
@@ -154,3 +157,24 @@ def test_worked_answers_are_right_step_by_step():
             lhs, rhs = step.split(" = ")
             assert re.fullmatch(r"[\d+\-* ]+", lhs) and eval(lhs) == int(rhs), step  # noqa: S307 (digits only)
         assert p.text().endswith(f"answer = {p.answer}\n")
+
+
+def test_training_continues_from_a_checkpoint(tmp_path):
+    tc = TrainConfig(steps=3, batch=2, seq_len=32, warmup=1)
+    p1, _ = train(CFG, tc, tmp_path / "a", log=io.StringIO())
+    # lr 0 and bias speed 0: continuing changes nothing, so equal params show they came from the checkpoint
+    still = dataclasses.replace(tc, init_from=str(tmp_path / "a"), lr=0.0, bias_update_speed=0.0, seed=1)
+    p2, _ = train(CFG, still, tmp_path / "b", log=io.StringIO())
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))
+    lineage = read_meta(tmp_path / "b")["training"]["init_from"]
+    assert lineage["path"] == str(tmp_path / "a") and lineage["training"]["steps"] == 3
+    moving = dataclasses.replace(still, lr=3e-3, bias_update_speed=0.02)
+    p3, _ = train(CFG, moving, None, log=io.StringIO())
+    assert not np.array_equal(p3.embed, p1.embed)
+    assert not np.array_equal(p3.moe_layers.ffn.e_bias, p1.moe_layers.ffn.e_bias)
+    # same tensor shapes, different config: refused before any step
+    with pytest.raises(CheckpointError, match="config differs") as err:
+        train(CFG.replace(rms_norm_eps=1e-5), still, None, log=io.StringIO())
+    assert "'rms_norm_eps': (1e-06, 1e-05)}" in str(err.value)  # that field, and no other
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(CFG, dataclasses.replace(still, init_from=str(tmp_path / "nope")), None, log=io.StringIO())
