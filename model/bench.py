@@ -17,6 +17,7 @@ import numpy as np
 from model.cache import init_cache
 from model.config import Config
 from model.forward import _prefill, decode_fn, prefill_fn
+from model.layout import unstack_layers
 from model.params import init, param_counts
 
 
@@ -82,9 +83,11 @@ def _decode_loop(params, cache, tok, cfg, steps):
     return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
 
-def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None) -> dict:
+def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None,
+               layouts=("stacked",)) -> dict:
     """tok/s per (kind, size). With `bandwidth`, a bandwidth sample is taken after each timed decode run, and
-    out[("bw", batch)] is the median of those samples."""
+    out[("bw", batch)] is the median of those samples. layouts: "stacked" (the library's layout) and/or
+    "unstacked" (model/layout.py; decode only, kinds "decode/u" and "bw/u")."""
     if checkpoint is not None:
         from model.hf_checkpoint import load_hf_checkpoint
         params, _ = load_hf_checkpoint(checkpoint, cfg)
@@ -92,25 +95,28 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         params = init(cfg, jax.random.key(0), std="fan_in")
     rng = np.random.default_rng(0)
     out = {}
+    prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg",))  # no donation: the same empty cache each time
+    for t in args.prefill_lengths:  # first: the unstacked copy below doubles the weights in memory
+        toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
+        cache = init_cache(cfg, 1, t)
+        run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
+        out[("prefill", t)] = t / median_time(run, args.repeats)
     prompt = 32
+    flat = unstack_layers(params) if "unstacked" in layouts else None
     for b in args.batches:
         max_len = prompt + args.decode_steps + 1
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(b, prompt)), jnp.int32)
         lens = jnp.full((b,), prompt, jnp.int32)
         logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
         first = jnp.argmax(logits, -1).astype(jnp.int32)
-        run = lambda: jax.block_until_ready(_decode_loop(params, cache, first, cfg=cfg, steps=args.decode_steps))
-        n0 = len(bandwidth.samples) if bandwidth is not None else 0
-        out[("decode", b)] = b * args.decode_steps / median_time(
-            run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
-        if bandwidth is not None:
-            out[("bw", b)] = statistics.median(bandwidth.samples[n0:])
-    prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg",))  # no donation: the same empty cache each time
-    for t in args.prefill_lengths:
-        toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
-        cache = init_cache(cfg, 1, t)
-        run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
-        out[("prefill", t)] = t / median_time(run, args.repeats)
+        for layout in layouts:
+            p, suffix = (params, "") if layout == "stacked" else (flat, "/u")
+            run = lambda p=p: jax.block_until_ready(_decode_loop(p, cache, first, cfg=cfg, steps=args.decode_steps))
+            n0 = len(bandwidth.samples) if bandwidth is not None else 0
+            out[("decode" + suffix, b)] = b * args.decode_steps / median_time(
+                run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
+            if bandwidth is not None:
+                out[("bw" + suffix, b)] = statistics.median(bandwidth.samples[n0:])
     return out
 
 

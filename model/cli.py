@@ -88,7 +88,12 @@ def generate_main(argv=None):
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
+    ap.add_argument("--layout", default="stacked", choices=("stacked", "unstacked"),
+                    help="unstacked: a buffer per layer and per expert (model/layout.py), faster batch-1 decode on "
+                         "CPU for a longer compile; xla backend only")
     args = ap.parse_args(argv)
+    if args.layout == "unstacked" and args.backend != "xla":
+        ap.error("--layout unstacked runs with --backend xla only")
     from quant.recipes import get_recipe
     try:
         recipe = get_recipe(args.recipe)
@@ -116,6 +121,9 @@ def generate_main(argv=None):
             calib = calibrate(params, cfg, calibration_sequences(tok))
             kv_scale = calib["kv"] if recipe.kv_fp8 else None
         params = quantize_params(params, recipe, calib)
+    if args.layout == "unstacked":
+        from model.layout import unstack_layers
+        params = unstack_layers(params)
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()

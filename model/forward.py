@@ -106,6 +106,17 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
         if stack is None:
             continue
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
+            if isinstance(stack, tuple):  # one buffer per layer (model/layout.py): an unrolled loop, no scan
+                if train or mesh is not None:
+                    raise ValueError("unstacked layers are for single-device inference: no training, no mesh")
+                for j, layer in enumerate(stack, lo):
+                    ks = None if cache is None or cache.kv_scale is None else cache.kv_scale[j]
+                    x, cc, cr, _ = block(layer, x, positions, None if cache is None else c_kv[j],
+                                         None if cache is None else k_pe[j], cfg, decode=decode, moe_impl=moe_impl,
+                                         kv_scale=ks, backend=backend, segments=segments)
+                    if cache is not None:
+                        c_kv, k_pe = c_kv.at[j].set(cc), k_pe.at[j].set(cr)
+                continue
             if cache is None:
                 x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train,
                                          backend=backend, segments=segments)

@@ -111,6 +111,39 @@ def experts_single(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
         return jax.lax.fori_loop(0, idx.shape[1], one, jnp.zeros((x.shape[1],), F32))[None]
 
 
+def experts_switch(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
+    """Experts held as separate buffers (p.we1/we3/we2: tuples with one matrix per expert, see model/layout.py):
+    each (token, expert) pair runs in the branch of a `lax.switch` that reads that expert's own buffers, so no
+    slice of a stack is copied before the dots. Reads each selected expert once per pair. x: [T, D] -> [T, D] f32.
+    Activations quantized without a calibrated input scale get their per-tensor scale from each token alone (the
+    grouped path: from each row tile), so with several tokens the two differ by that rounding.
+    """
+    if layer is not None:
+        raise ValueError("experts_switch takes one layer's experts (unstacked), not a layer index into stacks")
+    t, k = idx.shape
+    experts = tuple(zip(p.we1, p.we3, p.we2))
+
+    def branch(e):
+        def run(experts, row):  # row: [1, D]
+            a, b, c = experts[e]
+            ra = activation(row, a)  # gate and up share one input scale
+            gate = jnp.dot(ra, weight(a, row.dtype), preferred_element_type=F32)
+            up = jnp.dot(ra, weight(b, row.dtype), preferred_element_type=F32)
+            h = activation((jax.nn.silu(gate) * up).astype(row.dtype), c)
+            return jnp.dot(h, weight(c, row.dtype), preferred_element_type=F32)
+        return run
+
+    with jax.named_scope("experts_switch"):
+        branches = [branch(e) for e in range(len(experts))]
+        flat_idx, flat_w = idx.reshape(-1), w.reshape(-1)
+
+        def body(j, out):
+            tok = j // k
+            y = jax.lax.switch(flat_idx[j], branches, experts, jax.lax.dynamic_slice_in_dim(x, tok, 1))
+            return out.at[tok].add(flat_w[j] * y[0])
+        return jax.lax.fori_loop(0, t * k, body, jnp.zeros(x.shape, F32))
+
+
 def grouped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, group_sizes: jax.Array,
                    tile_m: int, *, expert_offset=0, differentiable: bool = False) -> jax.Array:
     """SwiGLU expert MLPs over rows sorted by expert: rows [start_e, end_e) use expert e.
@@ -197,7 +230,11 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     b, t, d = x.shape
     x_td = x.reshape(b * t, d)
     w, idx = route(p, x_td, cfg)
-    if mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
+    if isinstance(p.we1, tuple):  # one buffer per expert (model/layout.py)
+        if mesh is not None or impl == "pallas":
+            raise ValueError("unstacked experts run with the xla backend on one device only")
+        routed = experts_switch(p, x_td, w, idx, layer)
+    elif mesh is not None and mesh.shape["expert"] * mesh.shape["tensor"] > 1 and impl in ("auto", "grouped"):
         from sharding.ep import experts_ep_dispatch
         routed = experts_ep_dispatch(p.we1, p.we3, p.we2, x_td, w, idx, layer, mesh)
     elif impl == "pallas":

@@ -4,7 +4,8 @@ config and weights side by side in the same run when the `reference` extra is in
 Prints a table and optionally writes JSON:
     python scripts/bench_decode.py --presets tiny small --json results/bench_decode.json
 
-Reported per preset: decode tokens/s at batch 1 and 8 (decode loop on the device, prompt of 32 tokens), prefill
+Reported per preset: decode tokens/s at batch 1 and 8 in the library's stacked layout ('decode') and with a buffer
+per layer and per expert ('decode/u', model/layout.py) (decode loop on the device, prompt of 32 tokens), prefill
 tokens/s at 128 and 512 prompt tokens, the bytes of weights one decode step must read (attention, dense MLP,
 router, shared expert and the *distinct* selected experts, LM head) and the achieved bytes/s against this
 machine's matrix-vector read bandwidth, measured in the same run. Medians over --repeats runs after a warm-up.
@@ -34,6 +35,9 @@ def main():
     ap.add_argument("--prefill-lengths", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layouts", nargs="+", default=["stacked", "unstacked"], choices=("stacked", "unstacked"),
+                    help="weight layouts to decode with: stacked (the library's) and unstacked (model/layout.py: a "
+                         "buffer per layer and per expert; rows 'decode/u')")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -48,15 +52,16 @@ def main():
         cfg = get_preset(name)
         with tempfile.TemporaryDirectory() as tmp:
             hf = None if args.no_hf else try_hf(cfg, Path(tmp))
-            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter)
+            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter, layouts=args.layouts)
             theirs = hf.bench(args) if hf else {}
         for key, tps in ours.items():
             kind, n = key
-            if kind == "bw":
+            if kind.startswith("bw"):
                 continue
-            row = {"preset": name, "kind": kind, "size": n, "ours_tok_s": tps, "hf_tok_s": theirs.get(key)}
-            if kind == "decode":
-                nbytes, bw = decode_bytes_per_step(cfg, n), ours[("bw", n)]
+            row = {"preset": name, "kind": kind, "size": n, "ours_tok_s": tps,
+                   "hf_tok_s": theirs.get((kind.split("/")[0], n))}
+            if kind.startswith("decode"):
+                nbytes, bw = decode_bytes_per_step(cfg, n), ours[(kind.replace("decode", "bw"), n)]
                 row.update(bytes_per_step=nbytes, achieved_gb_s=nbytes * tps / n / 1e9, bw_gb_s=bw / 1e9,
                            frac_of_bw=nbytes * tps / n / bw)
             rows.append(row)
@@ -67,7 +72,7 @@ def main():
         ratio = f"{r['ours_tok_s'] / r['hf_tok_s']:6.2f}" if r["hf_tok_s"] else f"{'-':>6}"
         extra = (f"{r['bytes_per_step'] / 1e6:8.1f} {r['achieved_gb_s']:6.2f} {r['bw_gb_s']:8.2f} "
                  f"{r['frac_of_bw']:6.0%}"
-                 if r["kind"] == "decode" else "")
+                 if r["kind"].startswith("decode") else "")
         print(f"{r['preset']:7} {r['kind']:8} {r['size']:5d} {r['ours_tok_s']:11.1f} {hf_s} {ratio} {extra}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,64 @@
+"""Weight layouts. The library's layout stacks layers ([L, ...]) and experts ([E, ...]) so the model scans over
+layers, shards experts and compiles in the time of one layer. `unstack_layers` gives the same weights as one
+buffer per layer and one per routed expert, for batch-1 decode on CPU.
+
+Why: XLA:CPU copies any slice of a stacked buffer (dynamic or static) before a dot reads it, so a decode step
+that reads each weight once also writes and re-reads it (`scripts/bench_matvec.py`: 11-21 GB/s for an expert
+matrix indexed out of the stack vs 51-59 GB/s as its own buffer). With separate buffers the layers run as an
+unrolled Python loop and each token's experts are picked by `lax.switch` (model/moe.py, `experts_switch`), so
+every dot reads its weights in place. The price: compile time grows with layers x experts, no sharding, no
+training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. On a GPU the
+stacked layout is the one to use (XLA:GPU fuses the slices into the matmuls).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+
+from model.params import Layer, Moe, Params
+
+
+@partial(jax.jit, static_argnums=1)
+def _take(a: jax.Array, lead: int, i) -> jax.Array:
+    """Slice i (row-major over the first `lead` axes) of a stack, as a new buffer; compiled once per shape."""
+    return jax.lax.dynamic_index_in_dim(a.reshape(-1, *a.shape[lead:]), i, keepdims=False)
+
+
+def _split(tree, counts: tuple[int, ...]) -> list:
+    """A pytree whose arrays share leading axes `counts` -> prod(counts) pytrees (row-major), new buffers."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return [treedef.unflatten([_take(a, len(counts), i) for a in leaves]) for i in range(math.prod(counts))]
+
+
+def _unstack(stack: Layer | None) -> tuple[Layer, ...] | None:
+    if stack is None:
+        return None
+    n = stack.attn_norm.shape[0]
+    experts = None
+    if isinstance(stack.ffn, Moe):  # experts [L, E, ...] straight to L x E buffers
+        e = jax.tree.leaves(stack.ffn.we1)[0].shape[1]
+        experts = [_split(w, (n, e)) for w in (stack.ffn.we1, stack.ffn.we3, stack.ffn.we2)]
+        stack = stack.replace(ffn=stack.ffn.replace(we1=None, we3=None, we2=None))
+    out = []
+    for i, layer in enumerate(_split(stack, (n,))):
+        if experts is not None:
+            we1, we3, we2 = (tuple(w[i * e:(i + 1) * e]) for w in experts)
+            layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
+        out.append(layer)
+    return tuple(out)
+
+
+def is_unstacked(params: Params) -> bool:
+    return isinstance(params.moe_layers, tuple) or isinstance(params.dense_layers, tuple)
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same weights (plain or quantized) with dense_layers / moe_layers as tuples of per-layer `Layer`s, whose
+    MoE experts are tuples of per-expert matrices. Quantize first, then unstack. Accepted by prefill, decode_step
+    and generate without a mesh, with the xla backend."""
+    if is_unstacked(params):
+        return params
+    return params.replace(dense_layers=_unstack(params.dense_layers), moe_layers=_unstack(params.moe_layers))

@@ -1,0 +1,84 @@
+"""The unstacked layout (one buffer per layer and per routed expert, model/layout.py) computes what the stacked one
+does: same prefill and decode logits, plain and quantized, and the lax.switch experts equal the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import TINY, decode_step, generate, init_cache, prefill
+from model.layout import is_unstacked, unstack_layers
+from model.moe import experts_dense_reference, experts_switch, route
+from quant import quantize_params
+from tests.helpers import random_params
+
+CFG = TINY
+
+
+def _run(params, tokens, lengths, steps=3):
+    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
+    cache = init_cache(CFG, tokens.shape[0], tokens.shape[1] + steps + 1)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg=CFG, all_logits=True)
+    out = [np.asarray(logits)]
+    for i in range(steps):
+        step, cache = decode_step(params, cache, tokens[:, i], cfg=CFG)
+        out.append(np.asarray(step)[:, None])
+    return np.concatenate(out, 1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(2, CFG.vocab_size, size=(2, 12)).astype(np.int32), np.array([12, 7], np.int32)
+
+
+@pytest.mark.parametrize("recipe", [None, "nvfp4_w4a16"])
+def test_unstacked_equals_stacked(batch, recipe):
+    params = random_params(CFG, seed=3)
+    if recipe is not None:
+        params = quantize_params(params, recipe)
+    flat = unstack_layers(params)
+    assert is_unstacked(flat) and len(flat.moe_layers) == CFG.n_moe_layers
+    f = flat.moe_layers[0].ffn
+    assert len(f.we1) == CFG.n_routed_experts
+    want, got = _run(params, *batch), _run(flat, *batch)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_unstacked_with_experts_out_of_order_differs(batch):
+    """The equality above bites: the same buffers with two experts swapped give other logits."""
+    flat = unstack_layers(random_params(CFG, seed=3))
+    f = flat.moe_layers[0].ffn
+    swap = lambda t: (t[1], t[0], *t[2:])  # noqa: E731
+    wrong = flat.replace(moe_layers=(flat.moe_layers[0].replace(ffn=f.replace(
+        we1=swap(f.we1), we3=swap(f.we3), we2=swap(f.we2))), *flat.moe_layers[1:]))
+    assert np.abs(_run(wrong, *batch) - _run(flat, *batch)).max() > 1e-3
+
+
+def test_switch_experts_equal_dense_reference():
+    p = random_params(CFG, seed=5).moe_layers.ffn
+    layer0 = jax.tree.map(lambda a: a[0], p)
+    x = jax.random.normal(jax.random.key(1), (6, CFG.hidden_size))
+    w, idx = route(layer0, x, CFG)
+    want = experts_dense_reference(layer0, x, w, idx)
+    flat = unstack_layers(random_params(CFG, seed=5)).moe_layers[0].ffn
+    got = experts_switch(flat, x, w, idx)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_unstacked_generates_the_same_tokens():
+    params = random_params(CFG, seed=4)
+    prompts = [[5, 9, 13, 2], [7, 7]]
+    a = generate(params, CFG, prompts, max_new_tokens=6).sequences()
+    b = generate(unstack_layers(params), CFG, prompts, max_new_tokens=6).sequences()
+    assert a == b
+
+
+def test_unstacked_refuses_mesh_and_pallas():
+    flat = unstack_layers(random_params(CFG, seed=4))
+    with pytest.raises(ValueError, match="xla backend"):
+        generate(flat, CFG, [[5, 9]], max_new_tokens=1, backend="pallas")
+    x = jnp.zeros((1, 2, CFG.hidden_size))
+    from model.moe import moe
+    with pytest.raises(ValueError, match="one device"):
+        moe(flat.moe_layers[0].ffn, x, CFG, impl="pallas")
