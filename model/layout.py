@@ -8,7 +8,7 @@ matrix indexed out of the stack vs 51-59 GB/s as its own buffer). With separate 
 unrolled Python loop and each token's experts are picked by `lax.switch` (model/moe.py, `experts_switch`), so
 every dot reads its weights in place. The price: compile time grows with layers x experts, no sharding, no
 training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. On a GPU the
-stacked layout is the one to use (XLA:GPU fuses the slices into the matmuls).
+stacked layout is the one to use: the Pallas grouped matmul (pallas_kernels/) reads the selected experts in place.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from model import TINY, decode_step, generate, init_cache, prefill
 from model.layout import is_unstacked, unstack_layers
 from model.moe import experts_dense_reference, experts_switch, route
 from quant import quantize_params
+from quant.calibrate import calibrate
 from tests.helpers import random_params
 
 CFG = TINY
@@ -32,11 +33,13 @@ def batch():
     return rng.integers(2, CFG.vocab_size, size=(2, 12)).astype(np.int32), np.array([12, 7], np.int32)
 
 
-@pytest.mark.parametrize("recipe", [None, "nvfp4_w4a16"])
+@pytest.mark.parametrize("recipe", [None, "nvfp4_w4a16", "nvfp4_w4a4"])
 def test_unstacked_equals_stacked(batch, recipe):
+    """W4A4 with calibrated (static) activation scales, per expert: the same in both layouts."""
     params = random_params(CFG, seed=3)
     if recipe is not None:
-        params = quantize_params(params, recipe)
+        calib = calibrate(params, CFG, [list(batch[0][0]), list(batch[0][1][:7])]) if "a4" in recipe else None
+        params = quantize_params(params, recipe, calib)
     flat = unstack_layers(params)
     assert is_unstacked(flat) and len(flat.moe_layers) == CFG.n_moe_layers
     f = flat.moe_layers[0].ffn
