@@ -53,9 +53,6 @@ class MatvecBandwidth:
         self.samples.append(self.w.nbytes / t)
         return self.samples[-1]
 
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
 
 def expected_distinct_experts(cfg: Config, tokens: int) -> float:
     """E (1 - (1 - X/E)^T): experts a layer touches for T tokens under uniform routing."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import Config
-from model.data import KINDS, problems, stdlib_corpus
+from model.data import KINDS, TextCorpus, problems, stdlib_corpus
 from model.forward import forward, lm_logits
 from model.generate import generate
 
@@ -73,10 +73,11 @@ def max_over_mean(load) -> list[float]:
     return (load.max(-1) / load.mean(-1)).round(3).tolist()
 
 
-def expert_load(params, cfg: Config, tok, *, text_bytes: int = 60000, n_problems: int = 400) -> dict:
+def expert_load(params, cfg: Config, tok, *, text_bytes: int = 60000, n_problems: int = 400,
+                corpus: TextCorpus | None = None) -> dict:
     """The router's load per MoE layer on held-out text, on held-out arithmetic, and on both: max/mean lists,
-    plus the held-out text bits per byte computed on the way."""
-    held = stdlib_corpus().heldout[:text_bytes]
+    plus the held-out text bits per byte computed on the way. corpus: the stdlib corpus, if already read."""
+    held = (corpus or stdlib_corpus()).heldout[:text_bytes]
     bpb, load_text = text_bits_per_byte(params, cfg, tok, held)
     arith = "".join(p.text() for p in problems(np.random.default_rng(99), n_problems, heldout=True))
     _, load_arith = text_bits_per_byte(params, cfg, tok, arith)
@@ -88,7 +89,7 @@ def expert_load(params, cfg: Config, tok, *, text_bytes: int = 60000, n_problems
 
 def evaluate(params, cfg: Config, tok, *, n_problems: int = 200, text_bytes: int = 60000) -> dict:
     corpus = stdlib_corpus()
-    loads = expert_load(params, cfg, tok, text_bytes=text_bytes)
+    loads = expert_load(params, cfg, tok, text_bytes=text_bytes, corpus=corpus)
     return {"heldout_text_bytes": loads["heldout_text_bytes"], "bits_per_byte": loads["bits_per_byte"],
             "unigram_bits_per_byte": unigram_bits_per_byte(corpus.train, corpus.heldout[:text_bytes]),
             "arithmetic_exact_match": arithmetic_accuracy(params, cfg, tok, n_problems),

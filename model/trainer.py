@@ -32,7 +32,7 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
             diff = {f.name: (getattr(ckpt_cfg, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                     if getattr(ckpt_cfg, f.name) != getattr(cfg, f.name)}
             raise CheckpointError(f"--init-from {tc.init_from}: its config differs from the one to train "
-                             f"(field: (checkpoint, requested)): {diff}")
+                                  f"(field: (checkpoint, requested)): {diff}")
         if params.mtp is None and cfg.num_nextn_predict_layers:
             raise CheckpointError(f"--init-from {tc.init_from} has no MTP module but the config asks for one")
     tok = ByteTokenizer(cfg.vocab_size)
