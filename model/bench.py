@@ -71,20 +71,36 @@ def decode_bytes_per_step(cfg: Config, batch: int) -> float:
     return (fixed + experts + batch * cfg.hidden_size) * item
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps"))
-def _decode_loop(params, cache, tok, cfg, steps):
+@partial(jax.jit, static_argnames=("cfg", "steps", "mesh"))
+def _decode_loop(params, cache, tok, cfg, steps, mesh=None):
     def body(_, carry):
         cache, tok = carry
-        logits, cache = decode_fn(params, cache, tok, cfg)
+        logits, cache = decode_fn(params, cache, tok, cfg, mesh=mesh)
         return cache, jnp.argmax(logits, -1).astype(jnp.int32)
     return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
 
+def tp_mesh(cfg: Config, n: int):
+    """A `tensor=n` mesh over the first n devices, or None with the reason when this config or process cannot
+    run the unstacked layout tensor-parallel n ways."""
+    from sharding.mesh import make_mesh
+    from sharding.tp import check_tp_mesh
+    if jax.device_count() < n:
+        return None, f"{jax.device_count()} device(s) visible, tensor parallelism needs {n}"
+    mesh = make_mesh(f"tensor={n}", devices=jax.devices()[:n])
+    try:
+        check_tp_mesh(cfg, mesh)
+    except ValueError as e:
+        return None, str(e)
+    return mesh, None
+
+
 def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None,
-               layouts=("stacked",)) -> dict:
+               layouts=("stacked",), tp: int = 2) -> dict:
     """tok/s per (kind, size). With `bandwidth`, a bandwidth sample is taken after each timed decode run, and
-    out[("bw", batch)] is the median of those samples. layouts: "stacked" (the library's layout) and/or
-    "unstacked" (model/layout.py; decode only, kinds "decode/u" and "bw/u")."""
+    out[("bw", batch)] is the median of those samples. layouts: "stacked" (the library's layout), "unstacked"
+    (model/layout.py; decode only, kinds "decode/u" and "bw/u") and/or "tp" (the unstacked layout
+    tensor-parallel over `tp` host devices, sharding/tp.py; kinds "decode/tp" and "bw/tp")."""
     if checkpoint is not None:
         from model.hf_checkpoint import load_hf_checkpoint
         params, _ = load_hf_checkpoint(checkpoint, cfg)
@@ -99,7 +115,18 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
         out[("prefill", t)] = t / median_time(run, args.repeats)
     prompt = 32
-    flat = unstack_layers(params) if "unstacked" in layouts else None
+    flat = unstack_layers(params) if {"unstacked", "tp"} & set(layouts) else None
+    mesh = sharded = None
+    if "tp" in layouts:
+        from jax.sharding import NamedSharding, PartitionSpec
+        from sharding.tp import shard_unstacked
+        mesh, why = tp_mesh(cfg, tp)
+        if mesh is None:
+            print(f"tp layout skipped: {why}")
+        else:
+            sharded = shard_unstacked(flat, cfg, mesh)
+            if "unstacked" not in layouts:
+                flat = None
     for b in args.batches:
         max_len = prompt + args.decode_steps + 1
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(b, prompt)), jnp.int32)
@@ -107,8 +134,14 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
         first = jnp.argmax(logits, -1).astype(jnp.int32)
         for layout in layouts:
-            p, suffix = (params, "") if layout == "stacked" else (flat, "/u")
-            run = lambda p=p: jax.block_until_ready(_decode_loop(p, cache, first, cfg=cfg, steps=args.decode_steps))
+            p, suffix, m, c = {"stacked": (params, "", None, cache), "unstacked": (flat, "/u", None, cache),
+                               "tp": (sharded, "/tp", mesh, None)}[layout]
+            if p is None:
+                continue
+            if layout == "tp":  # the latent cache is replicated over the tensor axis
+                c = jax.device_put(cache, NamedSharding(mesh, PartitionSpec()))
+            run = lambda p=p, m=m, c=c: jax.block_until_ready(
+                _decode_loop(p, c, first, cfg=cfg, steps=args.decode_steps, mesh=m))
             n0 = len(bandwidth.samples) if bandwidth is not None else 0
             out[("decode" + suffix, b)] = b * args.decode_steps / median_time(
                 run, args.repeats, between=None if bandwidth is None else bandwidth.sample)

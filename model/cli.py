@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from functools import partial
@@ -38,7 +39,7 @@ def _sample_one(logits, step, sp):
 
 
 def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
-                    kv_scale=None, backend="xla"):
+                    kv_scale=None, backend="xla", mesh=None):
     """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
 
     Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
@@ -53,8 +54,11 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
         return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
-    logits, cache = _prefill(params, init_cache(cfg, 1, max_len, kv_scale=kv_scale), tokens, lengths, cfg=cfg,
-                             backend=backend)
+    cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale)
+    if mesh is not None:
+        from sharding import shard_cache
+        cache = shard_cache(cache, mesh)
+    logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, backend=backend, mesh=mesh)
     tok = sample_fn(logits, 0)
     first = int(tok[0])
     t_first = time.perf_counter() - t0
@@ -63,7 +67,7 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
     t1 = time.perf_counter()
     step = 1
     while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
-        logits, cache = _decode(params, cache, tok, cfg=cfg, backend=backend)
+        logits, cache = _decode(params, cache, tok, cfg=cfg, backend=backend, mesh=mesh)
         tok = sample_fn(logits, step)
         ids.append(int(tok[0]))
         on_token(ids[-1])
@@ -88,12 +92,17 @@ def generate_main(argv=None):
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
-    ap.add_argument("--layout", default="stacked", choices=("stacked", "unstacked"),
+    ap.add_argument("--layout", default="stacked", choices=("stacked", "unstacked", "tp"),
                     help="unstacked: a buffer per layer and per expert (model/layout.py), faster batch-1 decode on "
-                         "CPU for a longer compile; xla backend only")
+                         "CPU for a longer compile; tp: the same, tensor-parallel over one CPU device per core "
+                         "(sharding/tp.py), the fastest batch-1 decode on CPU; xla backend only")
     args = ap.parse_args(argv)
-    if args.layout == "unstacked" and args.backend != "xla":
-        ap.error("--layout unstacked runs with --backend xla only")
+    if args.layout != "stacked" and args.backend != "xla":
+        ap.error(f"--layout {args.layout} runs with --backend xla only")
+    if args.layout == "tp":
+        from sharding.tp import use_host_devices
+        if use_host_devices(os.cpu_count() or 1) < 2:
+            ap.error("--layout tp needs at least two CPU devices (one per core); this process has one")
     from quant.recipes import get_recipe
     try:
         recipe = get_recipe(args.recipe)
@@ -121,14 +130,23 @@ def generate_main(argv=None):
             calib = calibrate(params, cfg, calibration_sequences(tok))
             kv_scale = calib["kv"] if recipe.kv_fp8 else None
         params = quantize_params(params, recipe, calib)
-    if args.layout == "unstacked":
+    mesh = None
+    if args.layout in ("unstacked", "tp"):
         from model.layout import unstack_layers
         params = unstack_layers(params)
+    if args.layout == "tp":
+        from sharding.mesh import make_mesh
+        from sharding.tp import shard_unstacked
+        mesh = make_mesh(f"tensor={jax.device_count()}")
+        try:
+            params = shard_unstacked(params, cfg, mesh)
+        except ValueError as e:
+            ap.error(str(e))
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
-                    max_len=max_len, kv_scale=kv_scale, backend=args.backend)
+                    max_len=max_len, kv_scale=kv_scale, backend=args.backend, mesh=mesh)
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -138,7 +156,7 @@ def generate_main(argv=None):
             print(decode(i), end="", flush=True)
     ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
                                            sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len,
-                                           kv_scale=kv_scale, backend=args.backend)
+                                           kv_scale=kv_scale, backend=args.backend, mesh=mesh)
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)

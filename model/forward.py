@@ -21,7 +21,8 @@ from model.params import Layer, Moe, Params
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
-          layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla", segments=None):
+          layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla", segments=None,
+          tp_axis: str | None = None):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
@@ -54,6 +55,8 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
                 raise ValueError("packed documents (segments) are supported by the xla backend only")
             mask = mask & (segments[:, :, None] == segments[:, None, :])
         a = attend_naive(p.attn, q_nope, q_pe, c_kv, k_pe, mask, cfg.softmax_scale, backend)
+    if tp_axis is not None:
+        a = jax.lax.psum(a, tp_axis)
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
     stats = None
@@ -64,6 +67,8 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
             f, stats = moe_train(p.ffn, h, cfg, layer=layer)
         else:
             f = moe(p.ffn, h, cfg, impl="pallas" if backend == "pallas" else moe_impl, layer=layer, mesh=mesh)
+    if tp_axis is not None:
+        f = jax.lax.psum(f, tp_axis)
     return x + f, cache_c, cache_r, stats
 
 
@@ -91,7 +96,8 @@ def _run_stack(stack: Layer, x, positions, cache_c, cache_r, cfg: Config, decode
 
 
 def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config, *, decode: bool,
-            moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla", segments=None):
+            moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla", segments=None,
+            tp_axis: str | None = None):
     """Embed, all layers, final norm. tokens/positions: [B, T]; segments: [B, T] document ids of packed rows
     (training without a cache only).
 
@@ -108,15 +114,23 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
             if isinstance(stack, tuple):  # one buffer per layer (model/layout.py): an unrolled loop, no scan
                 if train or mesh is not None:
-                    raise ValueError("unstacked layers are for single-device inference: no training, no mesh")
-                for j, layer in enumerate(stack, lo):
-                    ks = None if cache is None or cache.kv_scale is None else cache.kv_scale[j]
-                    x, cc, cr, _ = block(layer, x, positions, None if cache is None else c_kv[j],
-                                         None if cache is None else k_pe[j], cfg, decode=decode, moe_impl=moe_impl,
-                                         kv_scale=ks, backend=backend, segments=segments)
-                    if cache is not None:
-                        c_kv, k_pe = c_kv.at[j].set(cc), k_pe.at[j].set(cr)
+                    raise ValueError("unstacked layers are for inference, on one device or tensor-parallel "
+                                     "through prefill_fn / decode_fn (sharding/tp.py); no training")
+                # Each layer's cache is taken out once and the stack rebuilt once: updating the [L, ...] buffer
+                # layer by layer made XLA copy all of it after every layer.
+                ccs = [None if cache is None else c_kv[j] for j in range(lo, hi)]
+                crs = [None if cache is None else k_pe[j] for j in range(lo, hi)]
+                for j, layer in enumerate(stack):
+                    ks = None if cache is None or cache.kv_scale is None else cache.kv_scale[lo + j]
+                    x, ccs[j], crs[j], _ = block(layer, x, positions, ccs[j], crs[j], cfg, decode=decode,
+                                                 moe_impl=moe_impl, kv_scale=ks, backend=backend,
+                                                 segments=segments, tp_axis=tp_axis)
+                if cache is not None:
+                    c_kv = jax.lax.dynamic_update_slice_in_dim(c_kv, jnp.stack(ccs), lo, 0)
+                    k_pe = jax.lax.dynamic_update_slice_in_dim(k_pe, jnp.stack(crs), lo, 0)
                 continue
+            if tp_axis is not None:
+                raise ValueError("tensor-parallel layers (tp_axis) need the unstacked layout (model/layout.py)")
             if cache is None:
                 x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train,
                                          backend=backend, segments=segments)
@@ -138,12 +152,23 @@ def lm_logits(params: Params, hidden) -> jax.Array:
     return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=F32)
 
 
-def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto", mesh=None, backend="xla"):
-    """Unjitted prefill (see `prefill`)."""
+def _unstacked_on_mesh(params, mesh) -> bool:
+    from model.layout import is_unstacked
+    return mesh is not None and is_unstacked(params)
+
+
+def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="auto", mesh=None, backend="xla",
+               tp_axis=None):
+    """Unjitted prefill (see `prefill`). Unstacked params with a mesh run tensor-parallel (sharding/tp.py)."""
+    if _unstacked_on_mesh(params, mesh):
+        from sharding.tp import tensor_parallel
+        fn = lambda p, c, tk, ln, tp_axis: prefill_fn(p, c, tk, ln, cfg, all_logits, moe_impl,  # noqa: E731
+                                                      backend=backend, tp_axis=tp_axis)
+        return tensor_parallel(fn, params, cache, tokens, lengths, cfg=cfg, mesh=mesh)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, c_kv, k_pe = forward(params, cache, tokens, positions, cfg, decode=False, moe_impl=moe_impl, mesh=mesh,
-                                 backend=backend)
+                                 backend=backend, tp_axis=tp_axis)
     new_cache = Cache(c_kv=c_kv, k_pe=k_pe, lengths=lengths.astype(jnp.int32), kv_scale=cache.kv_scale)
     if all_logits:
         return lm_logits(params, hidden), new_cache
@@ -151,11 +176,17 @@ def prefill_fn(params, cache, tokens, lengths, cfg, all_logits=False, moe_impl="
     return lm_logits(params, last), new_cache
 
 
-def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None, backend="xla"):
-    """Unjitted decode step (see `decode_step`)."""
+def decode_fn(params, cache, tokens, cfg, moe_impl="auto", mesh=None, backend="xla", tp_axis=None):
+    """Unjitted decode step (see `decode_step`). Unstacked params with a mesh run tensor-parallel (sharding/tp.py).
+    tp_axis: inside that shard_map, the axis whose partial sums each layer reduces."""
+    if _unstacked_on_mesh(params, mesh):
+        from sharding.tp import tensor_parallel
+        fn = lambda p, c, tk, tp_axis: decode_fn(p, c, tk, cfg, moe_impl, backend=backend,  # noqa: E731
+                                                 tp_axis=tp_axis)
+        return tensor_parallel(fn, params, cache, tokens, cfg=cfg, mesh=mesh)
     positions = cache.lengths[:, None]  # [B, 1]
     hidden, c_kv, k_pe = forward(params, cache, tokens[:, None], positions, cfg, decode=True, moe_impl=moe_impl,
-                                 mesh=mesh, backend=backend)
+                                 mesh=mesh, backend=backend, tp_axis=tp_axis)
     return lm_logits(params, hidden[:, 0]), Cache(c_kv=c_kv, k_pe=k_pe, lengths=cache.lengths + 1,
                                                  kv_scale=cache.kv_scale)
 

@@ -26,6 +26,7 @@ import jax  # noqa: E402
 
 from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, try_hf  # noqa: E402
 from model.config import get_preset  # noqa: E402
+from sharding.tp import use_host_devices  # noqa: E402
 
 
 def main():
@@ -35,12 +36,18 @@ def main():
     ap.add_argument("--prefill-lengths", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layouts", nargs="+", default=["stacked", "unstacked"], choices=("stacked", "unstacked"),
-                    help="weight layouts to decode with: stacked (the library's) and unstacked (model/layout.py: a "
-                         "buffer per layer and per expert; rows 'decode/u')")
+    ap.add_argument("--layouts", nargs="+", default=["stacked", "unstacked", "tp"],
+                    choices=("stacked", "unstacked", "tp"),
+                    help="weight layouts to decode with: stacked (the library's), unstacked (model/layout.py: a "
+                         "buffer per layer and per expert; rows 'decode/u') and tp (unstacked, tensor-parallel "
+                         "over --tp host devices, sharding/tp.py; rows 'decode/tp')")
+    ap.add_argument("--tp", type=int, default=os.cpu_count() or 1,
+                    help="host devices for the tp layout (default: one per core)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if "tp" in args.layouts and args.tp > 1:
+        use_host_devices(args.tp)
 
     meter = MatvecBandwidth()
     bw0 = meter.sample(10)
@@ -52,7 +59,8 @@ def main():
         cfg = get_preset(name)
         with tempfile.TemporaryDirectory() as tmp:
             hf = None if args.no_hf else try_hf(cfg, Path(tmp))
-            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter, layouts=args.layouts)
+            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter, layouts=args.layouts,
+                              tp=args.tp)
             theirs = hf.bench(args) if hf else {}
         for key, tps in ours.items():
             kind, n = key

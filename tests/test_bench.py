@@ -50,12 +50,13 @@ def test_matvec_forms_compute_the_same_product():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_bench_ours_times_both_layouts():
+def test_bench_ours_times_every_layout():
     from types import SimpleNamespace
 
     from model.bench import MatvecBandwidth, bench_ours
     args = SimpleNamespace(batches=[1], decode_steps=2, repeats=1, prefill_lengths=[8])
     meter = MatvecBandwidth(n=256)
-    out = bench_ours(TINY, None, args, bandwidth=meter, layouts=("stacked", "unstacked"))
-    assert set(out) == {("decode", 1), ("bw", 1), ("decode/u", 1), ("bw/u", 1), ("prefill", 8)}
+    out = bench_ours(TINY, None, args, bandwidth=meter, layouts=("stacked", "unstacked", "tp"), tp=2)
+    assert set(out) == {("decode", 1), ("bw", 1), ("decode/u", 1), ("bw/u", 1), ("decode/tp", 1), ("bw/tp", 1),
+                        ("prefill", 8)}
     assert all(v > 0 for v in out.values())

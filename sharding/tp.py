@@ -1,0 +1,123 @@
+"""Tensor-parallel inference of the unstacked layout (model/layout.py) over the mesh's tensor axis.
+
+Batch-1 decode on a CPU is a chain of small matrix-vector products, each of which XLA runs on one core; run as
+one program per host device (`--xla_force_host_platform_device_count=N`), the same chain is split N ways and the
+cores read their halves of every weight at the same time. Megatron-style, with the library's rules
+(sharding/rules.py): attention heads, dense / shared / routed expert widths and the LM head's vocabulary over
+`tensor`; the latent cache, the router, the low-rank q and kv down-projections and the embedding replicated.
+
+Per layer:  x[B, T, D] -> attention over H/tp heads -> psum(tensor) -> + x -> FFN over width F/tp -> psum(tensor)
+Per step:   logits[B, V/tp] -> all_gather(tensor) -> logits[B, V] on every device.
+
+Every device routes its replicated copy of x, so all pick the same experts and run their slice of each.
+Activation quantization that scales by the input's own amax (no calibrated input scale) sees each device's
+slice of the expert hidden state, so W4A4 without calibration rounds differently from one device; weights-only
+and calibrated recipes, and plain weights, give the single-device logits up to float summation order.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from model.config import Config
+from model.params import Moe, Params
+from sharding.mesh import mesh_sizes
+from sharding.rules import ShardingRules, _check_quantized, _place, check_divisible, param_specs
+
+AXIS = "tensor"
+
+
+def use_host_devices(n: int) -> int:
+    """Ask for n CPU devices (one per core is the useful number) before JAX starts its backend; returns how many
+    there are (unchanged if the backend is already running, e.g. in a notebook that has computed something)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass
+    return jax.device_count()
+
+
+def check_tp_mesh(cfg: Config, mesh) -> None:
+    """The unstacked layout shards over `tensor` only; a clear error for anything else, before any compilation."""
+    sizes = mesh_sizes(mesh)
+    other = {a: n for a, n in sizes.items() if a != AXIS and n > 1}
+    if other:
+        raise ValueError(f"the unstacked layout runs tensor-parallel only: mesh {sizes} also splits {other}; "
+                         f"use a mesh such as 'tensor={jax.device_count()}'")
+    check_divisible(cfg, mesh)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = ShardingRules()) -> Params:
+    """PartitionSpecs of the logical weights for params in the unstacked layout: the stacked rules without the
+    layer (and expert) axes, the embedding and the MTP module replicated."""
+    specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
+
+    def drop(n):
+        return lambda s: P(*tuple(s)[n:])
+
+    def layers(stack_spec, stack):
+        if stack is None:
+            return None
+        out = []
+        for layer in stack:
+            s = jax.tree.map(drop(1), stack_spec, is_leaf=_is_spec)
+            if isinstance(layer.ffn, Moe):
+                s = s.replace(ffn=s.ffn.replace(**{k: tuple(drop(2)(getattr(stack_spec.ffn, k)) for _ in
+                                                            getattr(layer.ffn, k))
+                                                   for k in ("we1", "we3", "we2")}))
+            out.append(s)
+        return tuple(out)
+
+    replicated = lambda tree: jax.tree.map(lambda s: P(), tree, is_leaf=_is_spec)  # noqa: E731
+    return specs.replace(embed=P(), mtp=None if specs.mtp is None else replicated(specs.mtp),
+                         dense_layers=layers(specs.dense_layers, params.dense_layers),
+                         moe_layers=layers(specs.moe_layers, params.moe_layers))
+
+
+def _leaf_specs(params: Params, cfg: Config) -> Params:
+    """Specs per array leaf: a quantized weight's codes and scales follow its logical spec (quant.spec_for)."""
+    from quant.qarray import is_qarray, spec_for
+
+    return jax.tree.map(lambda s, w: spec_for(s, w), unstacked_specs(params, cfg), params,
+                        is_leaf=lambda x: _is_spec(x) or is_qarray(x))
+
+
+def shard_unstacked(params: Params, cfg: Config, mesh) -> Params:
+    """Place unstacked params on the mesh for tensor-parallel prefill / decode / generate (pass the same mesh)."""
+    from model.layout import is_unstacked
+    from quant.qarray import is_qarray, spec_for
+    if not is_unstacked(params):
+        raise ValueError("shard_unstacked takes params in the unstacked layout (model.layout.unstack_layers); "
+                         "stacked params place with sharding.shard_params")
+    mesh = getattr(mesh, "mesh", mesh)
+    check_tp_mesh(cfg, mesh)
+
+    def place(path, s, x):
+        if is_qarray(x):
+            _check_quantized(jax.tree_util.keystr(path), x, s, mesh)
+            return jax.tree.map(lambda a, sa: _place(a, NamedSharding(mesh, sa)), x, spec_for(s, x))
+        return _place(x, NamedSharding(mesh, s))
+    return jax.tree_util.tree_map_with_path(place, unstacked_specs(params, cfg), params, is_leaf=_is_spec)
+
+
+def tensor_parallel(fn, params: Params, cache, *args, cfg: Config, mesh):
+    """Run fn(params, cache, *args, tp_axis=AXIS) -> (logits [..., V/tp], cache) on every device of the mesh and
+    return (logits [..., V], cache) replicated. args: replicated arrays (tokens, lengths)."""
+    mesh = getattr(mesh, "mesh", mesh)
+    check_tp_mesh(cfg, mesh)
+    cache_specs = jax.tree.map(lambda _: P(), cache)
+
+    def local(params, cache, *args):
+        logits, cache = fn(params, cache, *args, tp_axis=AXIS)
+        with jax.named_scope("tp_logits_all_gather"):
+            return jax.lax.all_gather(logits, AXIS, axis=logits.ndim - 1, tiled=True), cache
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=(_leaf_specs(params, cfg), cache_specs, *[P()] * len(args)),
+                        out_specs=(P(), cache_specs), check_vma=False)
+    return run(params, cache, *args)

@@ -1,0 +1,102 @@
+"""Tensor-parallel inference of the unstacked layout (sharding/tp.py): each device holds a slice of every head,
+expert width and the vocabulary, and the prefill and decode logits equal one device's, plain and quantized."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model import TINY, decode_step, generate, init_cache, prefill
+from model.forward import decode_fn
+from model.layout import unstack_layers
+from quant import quantize_params
+from sharding.mesh import make_mesh
+from sharding.tp import shard_unstacked, tensor_parallel, unstacked_specs
+from tests.helpers import random_params
+
+CFG = TINY
+
+
+def _mesh(n):
+    return make_mesh(f"tensor={n}", devices=jax.devices()[:n])
+
+
+def _run(params, tokens, lengths, mesh=None, steps=3):
+    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
+    cache = init_cache(CFG, tokens.shape[0], tokens.shape[1] + steps + 1)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg=CFG, all_logits=True, mesh=mesh)
+    out = [np.asarray(logits)]
+    for i in range(steps):
+        step, cache = decode_step(params, cache, tokens[:, i], cfg=CFG, mesh=mesh)
+        out.append(np.asarray(step)[:, None])
+    return np.concatenate(out, 1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(2, CFG.vocab_size, size=(2, 12)).astype(np.int32), np.array([12, 7], np.int32)
+
+
+@pytest.mark.parametrize("n, recipe", [(2, None), (4, None), (2, "nvfp4_w4a16")])
+def test_tensor_parallel_equals_one_device(batch, n, recipe):
+    params = random_params(CFG, seed=3)
+    if recipe is not None:
+        params = quantize_params(params, recipe)
+    want = _run(params, *batch)
+    mesh = _mesh(n)
+    sharded = shard_unstacked(unstack_layers(params), CFG, mesh)
+    wo = sharded.moe_layers[0].attn.wo
+    if recipe is None:  # each device holds its heads only
+        assert wo.sharding.shard_shape(wo.shape) == (CFG.num_attention_heads // n, *wo.shape[1:])
+    got = _run(sharded, *batch, mesh=mesh)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_tensor_parallel_without_the_reductions_differs(batch):
+    """The equality above bites: the same shards without the per-layer psums give other logits."""
+    params = unstack_layers(random_params(CFG, seed=3))
+    mesh = _mesh(2)
+    sharded = shard_unstacked(params, CFG, mesh)
+    tokens, lengths = batch
+    cache = init_cache(CFG, 2, 16)
+    _, cache = prefill(sharded, cache, tokens, lengths, cfg=CFG, mesh=mesh)
+    right, _ = jax.jit(lambda p, c, t: decode_fn(p, c, t, CFG, mesh=mesh))(sharded, cache, tokens[:, 0])
+    no_psum = lambda p, c, t, tp_axis: decode_fn(p, c, t, CFG)  # noqa: E731
+    wrong, _ = jax.jit(lambda p, c, t: tensor_parallel(no_psum, p, c, t, cfg=CFG, mesh=mesh))(
+        sharded, cache, tokens[:, 0])
+    assert np.abs(np.asarray(wrong) - np.asarray(right)).max() > 1e-2
+
+
+def test_tensor_parallel_generates_the_same_tokens():
+    params = random_params(CFG, seed=4)
+    prompts = [[5, 9, 13, 2], [7, 7]]
+    mesh = _mesh(2)
+    a = generate(params, CFG, prompts, max_new_tokens=6).sequences()
+    b = generate(shard_unstacked(unstack_layers(params), CFG, mesh), CFG, prompts, max_new_tokens=6,
+                 mesh=mesh).sequences()
+    assert a == b
+
+
+def test_specs_split_heads_widths_and_vocabulary():
+    flat = unstack_layers(random_params(CFG, seed=4))
+    s = unstacked_specs(flat, CFG)
+    layer = s.moe_layers[0]
+    assert layer.attn.wo == P("tensor", None, None) and layer.attn.wkv_a == P(None, None)
+    assert layer.ffn.we1[0] == P(None, "tensor") and layer.ffn.we2[-1] == P("tensor", None)
+    assert layer.ffn.shared.w2 == P("tensor", None) and s.dense_layers[0].ffn.w1 == P(None, "tensor")
+    assert s.lm_head == P(None, ("expert", "tensor")) and s.embed == P()
+
+
+def test_tensor_parallel_errors():
+    params = random_params(CFG, seed=4)
+    flat = unstack_layers(params)
+    with pytest.raises(ValueError, match="tensor-parallel only"):
+        shard_unstacked(flat, CFG, make_mesh("expert=2", devices=jax.devices()[:2]))
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible"):
+        shard_unstacked(flat, CFG, _mesh(8))
+    with pytest.raises(ValueError, match="unstacked layout"):
+        shard_unstacked(params, CFG, _mesh(2))
+    # tiny's expert width 32 splits into 16-wide halves: whole NVFP4 blocks, but not whole 128 x 128 FP8 tiles
+    with pytest.raises(ValueError, match="FP8 128x128 tiles cannot be split"):
+        shard_unstacked(unstack_layers(quantize_params(params, "fp8_w8a8")), CFG, _mesh(2))
