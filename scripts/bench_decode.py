@@ -4,8 +4,9 @@ config and weights side by side in the same run when the `reference` extra is in
 Prints a table and optionally writes JSON:
     python scripts/bench_decode.py --presets tiny small --json results/bench_decode.json
 
-Reported per preset: decode tokens/s at batch 1 and 8 in the library's stacked layout ('decode') and with a buffer
-per layer and per expert ('decode/u', model/layout.py) (decode loop on the device, prompt of 32 tokens), prefill
+Reported per preset: decode tokens/s at batch 1 and 8 in the library's stacked layout ('decode'), with a buffer
+per layer and per expert ('decode/u', model/layout.py) and the same tensor-parallel over --tp CPU devices, one per
+core by default ('decode/tp', sharding/tp.py) (decode loop on the device, prompt of 32 tokens), prefill
 tokens/s at 128 and 512 prompt tokens, the bytes of weights one decode step must read (attention, dense MLP,
 router, shared expert and the *distinct* selected experts, LM head) and the achieved bytes/s against this
 machine's matrix-vector read bandwidth, measured in the same run. Medians over --repeats runs after a warm-up.
@@ -73,7 +74,7 @@ def main():
                 row.update(bytes_per_step=nbytes, achieved_gb_s=nbytes * tps / n / 1e9, bw_gb_s=bw / 1e9,
                            frac_of_bw=nbytes * tps / n / bw)
             rows.append(row)
-    print(f"\n{'preset':7} {'what':8} {'B/T':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} "
+    print(f"\n{'preset':7} {'what':9} {'B/T':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} "
           f"{'MB/step':>8} {'GB/s':>6} {'bw GB/s':>8} {'of bw':>6}")
     for r in rows:
         hf_s = f"{r['hf_tok_s']:9.1f}" if r["hf_tok_s"] else f"{'-':>9}"
@@ -81,7 +82,7 @@ def main():
         extra = (f"{r['bytes_per_step'] / 1e6:8.1f} {r['achieved_gb_s']:6.2f} {r['bw_gb_s']:8.2f} "
                  f"{r['frac_of_bw']:6.0%}"
                  if r["kind"].startswith("decode") else "")
-        print(f"{r['preset']:7} {r['kind']:8} {r['size']:5d} {r['ours_tok_s']:11.1f} {hf_s} {ratio} {extra}")
+        print(f"{r['preset']:7} {r['kind']:9} {r['size']:5d} {r['ours_tok_s']:11.1f} {hf_s} {ratio} {extra}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": platform.machine(), "cores": os.cpu_count(),
