@@ -19,6 +19,7 @@ from model.config import Config
 from model.forward import _prefill, decode_fn, prefill_fn
 from model.layout import unstack_layers
 from model.params import init, param_counts
+from model.sampling import greedy
 
 
 def median_time(fn, repeats: int, between=None) -> float:
@@ -76,7 +77,7 @@ def _decode_loop(params, cache, tok, cfg, steps, mesh=None):
     def body(_, carry):
         cache, tok = carry
         logits, cache = decode_fn(params, cache, tok, cfg, mesh=mesh)
-        return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+        return cache, greedy(logits)
     return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
 

@@ -32,10 +32,22 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the largest value; a NaN counts as largest), as int32.
+
+    Written as a max and a min: XLA:CPU runs jnp.argmax's paired (value, index) reduction scalar by scalar, 142 us
+    over a 32k vocabulary against 14 us for these two (on this project's 2-core machine), which is 1-2% of a `small`
+    decode step."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == m) | jnp.isnan(logits)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
     """logits: [B, V] float32; keys: [B] typed PRNG keys. Returns [B] int32."""
     if sp.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits.astype(jnp.float32) / sp.temperature
     if sp.top_k > 0 and sp.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]

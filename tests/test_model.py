@@ -157,3 +157,17 @@ def test_bfloat16_model_tracks_float32(params):
     l16, _ = prefill(p16, init_cache(cfg16, 1, 64), toks, np.array([64]), cfg=cfg16)
     assert rel_err(l16, l32) < 1e-1
     assert int(jnp.argmax(l16)) == int(jnp.argmax(l32))
+
+
+def test_greedy_pick_equals_argmax():
+    """The max-then-min greedy pick is jnp.argmax: first index on ties, a NaN counts as the largest."""
+    from model.sampling import greedy
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 300)).astype(np.float32)
+    x[1, [7, 250]] = 9.0  # a tie: the first wins
+    x[2, :] = 0.0
+    x[3, [11, 40]] = np.nan
+    x[4, 5] = np.inf
+    x[5, :] = -np.inf
+    np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+    assert greedy(jnp.asarray(x)).dtype == jnp.int32
