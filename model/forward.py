@@ -31,7 +31,8 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     [L, E, ...] expert stacks. train: differentiable experts, and the MoE's (load, balance) stats are returned.
     kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8. backend: "xla" or "pallas" (attention
     and routed experts through pallas_kernels/). segments: [B, T] document ids of packed training rows (no cache):
-    a token attends only to earlier tokens of its own document.
+    a token attends only to earlier tokens of its own document. tp_axis: inside sharding/tp.py's shard_map, the
+    mesh axis over which the attention output and the FFN output are partial sums (psum'd here).
     Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
@@ -99,7 +100,7 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
             moe_impl: str = "auto", train: bool = False, mesh=None, backend: str = "xla", segments=None,
             tp_axis: str | None = None):
     """Embed, all layers, final norm. tokens/positions: [B, T]; segments: [B, T] document ids of packed rows
-    (training without a cache only).
+    (training without a cache only); tp_axis: see `block` (unstacked layers only).
 
     Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R]); with
     train=True (no cache) returns (hidden, (load [Lm, E], balance [Lm])) instead.

@@ -3,6 +3,7 @@
 import zlib
 
 import jax
+import numpy as np
 
 from model.params import init
 
@@ -30,3 +31,15 @@ def fresh_jit_caches():
 
 
 __all__ = ["random_params", "fresh_jit_caches"]
+
+
+def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None):
+    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
+    from model import decode_step, init_cache, prefill
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps + 1)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg=cfg, all_logits=True, mesh=mesh)
+    out = [np.asarray(logits)]
+    for i in range(steps):
+        step, cache = decode_step(params, cache, tokens[:, i], cfg=cfg, mesh=mesh)
+        out.append(np.asarray(step)[:, None])
+    return np.concatenate(out, 1)

@@ -6,25 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import TINY, decode_step, generate, init_cache, prefill
+from model import TINY, generate
 from model.layout import is_unstacked, unstack_layers
 from model.moe import experts_dense_reference, experts_switch, route
 from quant import quantize_params
 from quant.calibrate import calibrate
-from tests.helpers import random_params
+from tests.helpers import random_params, teacher_forced_logits
 
 CFG = TINY
 
 
-def _run(params, tokens, lengths, steps=3):
-    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
-    cache = init_cache(CFG, tokens.shape[0], tokens.shape[1] + steps + 1)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg=CFG, all_logits=True)
-    out = [np.asarray(logits)]
-    for i in range(steps):
-        step, cache = decode_step(params, cache, tokens[:, i], cfg=CFG)
-        out.append(np.asarray(step)[:, None])
-    return np.concatenate(out, 1)
+def _run(params, tokens, lengths, mesh=None):
+    return teacher_forced_logits(params, CFG, tokens, lengths, mesh=mesh)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model import TINY, decode_step, generate, init_cache, prefill
+from model import TINY, generate, init_cache, prefill
 from model.forward import decode_fn
 from model.layout import unstack_layers
 from quant import quantize_params
 from sharding.mesh import make_mesh
 from sharding.tp import shard_unstacked, tensor_parallel, unstacked_specs
-from tests.helpers import random_params
+from tests.helpers import random_params, teacher_forced_logits
 
 CFG = TINY
 
@@ -21,21 +21,11 @@ def _mesh(n):
     return make_mesh(f"tensor={n}", devices=jax.devices()[:n])
 
 
-def _run(params, tokens, lengths, mesh=None, steps=3):
-    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
-    cache = init_cache(CFG, tokens.shape[0], tokens.shape[1] + steps + 1)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg=CFG, all_logits=True, mesh=mesh)
-    out = [np.asarray(logits)]
-    for i in range(steps):
-        step, cache = decode_step(params, cache, tokens[:, i], cfg=CFG, mesh=mesh)
-        out.append(np.asarray(step)[:, None])
-    return np.concatenate(out, 1)
-
-
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.default_rng(0)
-    return rng.integers(2, CFG.vocab_size, size=(2, 12)).astype(np.int32), np.array([12, 7], np.int32)
+    """Two prompts of different lengths (right-padded to 10)."""
+    tokens = np.random.default_rng(1).integers(2, CFG.vocab_size, size=(2, 10)).astype(np.int32)
+    return tokens, np.array([10, 6], np.int32)
 
 
 @pytest.mark.parametrize("n, recipe", [(2, None), (4, None), (2, "nvfp4_w4a16")])
@@ -43,13 +33,13 @@ def test_tensor_parallel_equals_one_device(batch, n, recipe):
     params = random_params(CFG, seed=3)
     if recipe is not None:
         params = quantize_params(params, recipe)
-    want = _run(params, *batch)
+    want = teacher_forced_logits(params, CFG, *batch)
     mesh = _mesh(n)
     sharded = shard_unstacked(unstack_layers(params), CFG, mesh)
     wo = sharded.moe_layers[0].attn.wo
     if recipe is None:  # each device holds its heads only
         assert wo.sharding.shard_shape(wo.shape) == (CFG.num_attention_heads // n, *wo.shape[1:])
-    got = _run(sharded, *batch, mesh=mesh)
+    got = teacher_forced_logits(sharded, CFG, *batch, mesh=mesh)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
@@ -59,7 +49,7 @@ def test_tensor_parallel_without_the_reductions_differs(batch):
     mesh = _mesh(2)
     sharded = shard_unstacked(params, CFG, mesh)
     tokens, lengths = batch
-    cache = init_cache(CFG, 2, 16)
+    cache = init_cache(CFG, 2, 14)
     _, cache = prefill(sharded, cache, tokens, lengths, cfg=CFG, mesh=mesh)
     right, _ = jax.jit(lambda p, c, t: decode_fn(p, c, t, CFG, mesh=mesh))(sharded, cache, tokens[:, 0])
     no_psum = lambda p, c, t, tp_axis: decode_fn(p, c, t, CFG)  # noqa: E731
