@@ -124,12 +124,12 @@ def experts_switch(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
     experts = tuple(zip(p.we1, p.we3, p.we2))
 
     def branch(e):
-        def run(experts, row):  # row: [D]. Vector-matrix products on 1-D operands: XLA:CPU feeds a [1, D] row
-            a, b, c = experts[e]  # to a dot through a reshaping kernel, a 1-D one through a free bitcast
-            ra = activation(row[None], a)[0]  # gate and up share one input scale
+        def run(experts, row):  # row: [1, D]
+            a, b, c = experts[e]
+            ra = activation(row, a)  # gate and up share one input scale
             gate = jnp.dot(ra, weight(a, row.dtype), preferred_element_type=F32)
             up = jnp.dot(ra, weight(b, row.dtype), preferred_element_type=F32)
-            h = activation((jax.nn.silu(gate) * up).astype(row.dtype)[None], c)[0]
+            h = activation((jax.nn.silu(gate) * up).astype(row.dtype), c)
             return jnp.dot(h, weight(c, row.dtype), preferred_element_type=F32)
         return run
 
@@ -139,8 +139,8 @@ def experts_switch(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
 
         def body(j, out):
             tok = j // k
-            y = jax.lax.switch(flat_idx[j], branches, experts, jax.lax.dynamic_index_in_dim(x, tok, keepdims=False))
-            return out.at[tok].add(flat_w[j] * y)
+            y = jax.lax.switch(flat_idx[j], branches, experts, jax.lax.dynamic_slice_in_dim(x, tok, 1))
+            return out.at[tok].add(flat_w[j] * y[0])
         return jax.lax.fori_loop(0, t * k, body, jnp.zeros(x.shape, F32))
 
 
