@@ -10,6 +10,7 @@ from model import TINY, generate, init_cache, prefill
 from model.forward import decode_fn
 from model.layout import unstack_layers
 from quant import quantize_params
+from quant.calibrate import calibrate
 from sharding.mesh import make_mesh
 from sharding.tp import shard_unstacked, tensor_parallel, unstacked_specs
 from tests.helpers import random_params, teacher_forced_logits
@@ -28,11 +29,15 @@ def batch():
     return tokens, np.array([10, 6], np.int32)
 
 
-@pytest.mark.parametrize("n, recipe", [(2, None), (4, None), (2, "nvfp4_w4a16")])
+@pytest.mark.parametrize("n, recipe", [(2, None), (4, None), (2, "nvfp4_w4a16"), (2, "nvfp4_w4a4")])
 def test_tensor_parallel_equals_one_device(batch, n, recipe):
+    """W4A4 with calibrated (static) activation scales: each device's slice of an activation is scaled as the
+    whole is."""
     params = random_params(CFG, seed=3)
     if recipe is not None:
-        params = quantize_params(params, recipe)
+        tokens, lengths = batch
+        calib = calibrate(params, CFG, [list(t[:m]) for t, m in zip(tokens, lengths)]) if "a4" in recipe else None
+        params = quantize_params(params, recipe, calib)
     want = teacher_forced_logits(params, CFG, *batch)
     mesh = _mesh(n)
     sharded = shard_unstacked(unstack_layers(params), CFG, mesh)
