@@ -123,14 +123,10 @@ def _check_quantized(name: str, w, spec: P, mesh) -> None:
                                  f"{axes} of size {size} along dim {dim}: shards must hold whole scale blocks")
 
 
-def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
-    """Place parameters by the rules; quantized weights (quant.QArray) place their codes, scales and per-tensor
-    scalars by the logical weight's spec (quant.qarray.spec_for)."""
+def place_by_specs(params: Params, specs: Params, mesh) -> Params:
+    """Place each parameter by its logical spec; quantized weights (quant.QArray) place their codes, scales and
+    per-tensor scalars by the logical weight's spec (quant.qarray.spec_for), refusing splits that cut scale blocks."""
     from quant.qarray import is_qarray, spec_for
-
-    mesh = getattr(mesh, "mesh", mesh)
-    check_divisible(cfg, mesh, rules)
-    specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
 
     def place(path, s, x):
         if is_qarray(x):
@@ -138,6 +134,13 @@ def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = Shard
             return jax.tree.map(lambda a, sa: _place(a, NamedSharding(mesh, sa)), x, spec_for(s, x))
         return _place(x, NamedSharding(mesh, s))
     return jax.tree_util.tree_map_with_path(place, specs, params, is_leaf=lambda s: isinstance(s, P))
+
+
+def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
+    """Place parameters by the rules (see `place_by_specs` for quantized weights)."""
+    mesh = getattr(mesh, "mesh", mesh)
+    check_divisible(cfg, mesh, rules)
+    return place_by_specs(params, param_specs(cfg, rules, with_mtp=params.mtp is not None), mesh)
 
 
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:

@@ -18,13 +18,12 @@ and calibrated recipes, and plain weights, give the single-device logits up to f
 from __future__ import annotations
 
 import jax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.config import Config
 from model.params import Moe, Params
 from sharding.mesh import mesh_sizes
-from sharding.rules import ShardingRules, _check_quantized, _place, check_divisible, param_specs
+from sharding.rules import ShardingRules, check_divisible, param_specs, place_by_specs
 
 AXIS = "tensor"
 
@@ -91,19 +90,12 @@ def _leaf_specs(params: Params, cfg: Config) -> Params:
 def shard_unstacked(params: Params, cfg: Config, mesh) -> Params:
     """Place unstacked params on the mesh for tensor-parallel prefill / decode / generate (pass the same mesh)."""
     from model.layout import is_unstacked
-    from quant.qarray import is_qarray, spec_for
     if not is_unstacked(params):
         raise ValueError("shard_unstacked takes params in the unstacked layout (model.layout.unstack_layers); "
                          "stacked params place with sharding.shard_params")
     mesh = getattr(mesh, "mesh", mesh)
     check_tp_mesh(cfg, mesh)
-
-    def place(path, s, x):
-        if is_qarray(x):
-            _check_quantized(jax.tree_util.keystr(path), x, s, mesh)
-            return jax.tree.map(lambda a, sa: _place(a, NamedSharding(mesh, sa)), x, spec_for(s, x))
-        return _place(x, NamedSharding(mesh, s))
-    return jax.tree_util.tree_map_with_path(place, unstacked_specs(params, cfg), params, is_leaf=_is_spec)
+    return place_by_specs(params, unstacked_specs(params, cfg), mesh)
 
 
 def tensor_parallel(fn, params: Params, cache, *args, cfg: Config, mesh):

@@ -30,9 +30,6 @@ def fresh_jit_caches():
     jax.clear_caches()
 
 
-__all__ = ["random_params", "fresh_jit_caches"]
-
-
 def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None):
     """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
     from model import decode_step, init_cache, prefill
@@ -43,3 +40,6 @@ def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None):
         step, cache = decode_step(params, cache, tokens[:, i], cfg=cfg, mesh=mesh)
         out.append(np.asarray(step)[:, None])
     return np.concatenate(out, 1)
+
+
+__all__ = ["random_params", "fresh_jit_caches", "teacher_forced_logits"]

@@ -16,8 +16,8 @@ from tests.helpers import random_params, teacher_forced_logits
 CFG = TINY
 
 
-def _run(params, tokens, lengths, mesh=None):
-    return teacher_forced_logits(params, CFG, tokens, lengths, mesh=mesh)
+def _run(params, tokens, lengths):
+    return teacher_forced_logits(params, CFG, tokens, lengths)
 
 
 @pytest.fixture(scope="module")
