@@ -28,7 +28,7 @@ from model.config import PRESETS, R1_671B, SMALL, TINY, Config, RopeScaling, get
 from model.params import Params, abstract_params, init, param_counts, param_infos
 
 # cache and entry points
-from model.cache import Cache, init_cache
+from model.cache import Cache, init_cache, to_per_layer, to_stacked
 from model.forward import decode_step, prefill
 from model.generate import GenerateOutput, generate
 from model.sampling import SamplingParams
@@ -36,5 +36,6 @@ from model.sampling import SamplingParams
 __all__ = [
     "Config", "RopeScaling", "R1_671B", "SMALL", "TINY", "PRESETS", "get_preset",
     "Params", "init", "abstract_params", "param_counts", "param_infos",
-    "Cache", "init_cache", "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams",
+    "Cache", "init_cache", "to_per_layer", "to_stacked",
+    "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams",
 ]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.cache import init_cache
+from model.cache import init_cache, to_per_layer
 from model.config import Config
 from model.forward import _prefill, decode_fn, prefill_fn
 from model.layout import unstack_layers
@@ -135,12 +135,14 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
         logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
         first = jnp.argmax(logits, -1).astype(jnp.int32)
         for layout in layouts:
-            p, suffix, m, c = {"stacked": (params, "", None, cache), "unstacked": (flat, "/u", None, cache),
+            p, suffix, m, c = {"stacked": (params, "", None, cache), "unstacked": (flat, "/u", None, None),
                                "tp": (sharded, "/tp", mesh, None)}[layout]
             if p is None:
                 continue
+            if layout != "stacked":  # unstacked weights take the cache as one buffer per layer
+                c = to_per_layer(cache)
             if layout == "tp":  # the latent cache is replicated over the tensor axis
-                c = jax.device_put(cache, NamedSharding(mesh, PartitionSpec()))
+                c = jax.device_put(c, NamedSharding(mesh, PartitionSpec()))
             run = lambda p=p, m=m, c=c: jax.block_until_ready(
                 _decode_loop(p, c, first, cfg=cfg, steps=args.decode_steps, mesh=m))
             n0 = len(bandwidth.samples) if bandwidth is not None else 0

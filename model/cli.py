@@ -54,7 +54,8 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
         return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
-    cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale)
+    from model.layout import is_unstacked
+    cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale, per_layer=is_unstacked(params))
     if mesh is not None:
         from sharding import shard_cache
         cache = shard_cache(cache, mesh)

@@ -102,7 +102,8 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
     """Embed, all layers, final norm. tokens/positions: [B, T]; segments: [B, T] document ids of packed rows
     (training without a cache only); tp_axis: see `block` (unstacked layers only).
 
-    Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R]); with
+    Returns (hidden [B, T, D] after the final RMSNorm, new c_kv [L, B, S, C], new k_pe [L, B, S, R], or tuples
+    of per-layer buffers for a per-layer cache); with
     train=True (no cache) returns (hidden, (load [Lm, E], balance [Lm])) instead.
     """
     x = params.embed[tokens]  # [B, T, D]
@@ -117,8 +118,9 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
                 if train or mesh is not None:
                     raise ValueError("unstacked layers are for inference, on one device or tensor-parallel "
                                      "through prefill_fn / decode_fn (sharding/tp.py); no training")
-                # Each layer's cache is taken out once and the stack rebuilt once: updating the [L, ...] buffer
-                # layer by layer made XLA copy all of it after every layer.
+                # A per-layer cache (model/cache.py) is updated in place layer by layer. A stacked one has each
+                # layer taken out once and the stack rebuilt once (updating the [L, ...] buffer layer by layer
+                # made XLA copy all of it after every layer), still a copy of the cache per step.
                 ccs = [None if cache is None else c_kv[j] for j in range(lo, hi)]
                 crs = [None if cache is None else k_pe[j] for j in range(lo, hi)]
                 for j, layer in enumerate(stack):
@@ -126,12 +128,17 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
                     x, ccs[j], crs[j], _ = block(layer, x, positions, ccs[j], crs[j], cfg, decode=decode,
                                                  moe_impl=moe_impl, kv_scale=ks, backend=backend,
                                                  segments=segments, tp_axis=tp_axis)
-                if cache is not None:
+                if cache is not None and cache.per_layer:
+                    c_kv, k_pe = c_kv[:lo] + tuple(ccs) + c_kv[hi:], k_pe[:lo] + tuple(crs) + k_pe[hi:]
+                elif cache is not None:
                     c_kv = jax.lax.dynamic_update_slice_in_dim(c_kv, jnp.stack(ccs), lo, 0)
                     k_pe = jax.lax.dynamic_update_slice_in_dim(k_pe, jnp.stack(crs), lo, 0)
                 continue
             if tp_axis is not None:
                 raise ValueError("tensor-parallel layers (tp_axis) need the unstacked layout (model/layout.py)")
+            if cache is not None and cache.per_layer:
+                raise ValueError("a per-layer cache goes with unstacked weights (model.layout.unstack_layers); "
+                                 "stacked weights take a stacked cache (model.cache.to_stacked)")
             if cache is None:
                 x, _, _, st = _run_stack(stack, x, positions, None, None, cfg, decode, moe_impl, train,
                                          backend=backend, segments=segments)

@@ -16,6 +16,7 @@ import numpy as np
 from model.cache import cache_shapes
 from model.config import Config
 from model.forward import check_backend, check_tokens, decode_fn, prefill_fn
+from model.layout import is_unstacked
 from model.params import Params
 from model.sampling import SamplingParams, sample, step_keys
 
@@ -39,7 +40,7 @@ class GenerateOutput:
 @partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh", "backend"))
 def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
                    mesh=None, backend="xla"):
-    shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None)
+    shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None, per_layer=is_unstacked(params))
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
     cache = cache.replace(kv_scale=kv_scale)
     logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh, backend=backend)

@@ -86,10 +86,18 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
             o_lat = decode_attention(q_lat[:, 0], q_pe[:, 0], cache_c, cache_r, lengths, scale, kv_scale)
             o = qdot(o_lat[:, None].astype(q_nope.dtype), p.wv_b, "BTNC,NCV->BTNV")
             return qdot(o, p.wo, "BTNV,NVD->BTD")
-        scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
-                  + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
-        probs = _softmax(scores, mask[:, None]).astype(cache_c.dtype)  # [B, N, T, S]
-        o_lat = jnp.einsum("BNTS,BSC->BTNC", probs, cache_c, preferred_element_type=F32).astype(q_nope.dtype)
+        # The cache is the left operand of both products, contracted in its stored [S, C] layout: written the
+        # other way round, XLA:CPU copies the cache transposed before the second product, every layer and step.
+        b, t, n, c = q_lat.shape
+        batched = lambda lhs, rhs: jax.lax.dot_general(  # noqa: E731  [B, S, K] x [B, M, K] -> [B, S, M]
+            lhs, rhs, (((2,), (2,)), ((0,), (0,))), preferred_element_type=F32)
+        scores = (batched(cache_c, q_lat.reshape(b, t * n, c))
+                  + batched(cache_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale  # [B, S, T*N]
+        visible = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, mask.shape[2], t, n))
+        probs = jax.nn.softmax(jnp.where(visible.reshape(b, -1, t * n), scores, NEG_INF), axis=1)
+        o_lat = jax.lax.dot_general(cache_c, probs.astype(cache_c.dtype), (((1,), (1,)), ((0,), (0,))),
+                                    preferred_element_type=F32)  # [B, C, T*N]
+        o_lat = jnp.swapaxes(o_lat, 1, 2).reshape(b, t, n, c).astype(q_nope.dtype)
         o = qdot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
         return qdot(o, p.wo, "BTNV,NVD->BTD")
 

@@ -146,6 +146,9 @@ def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = Shard
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
     mesh = getattr(mesh, "mesh", mesh)
     specs = cache_specs(rules)
+    if cache.per_layer:  # one buffer per layer: the stacked spec without its layer axis
+        specs = specs.replace(c_kv=(P(*tuple(specs.c_kv)[1:]),) * len(cache.c_kv),
+                              k_pe=(P(*tuple(specs.k_pe)[1:]),) * len(cache.k_pe))
     if cache.kv_scale is not None:
         specs = specs.replace(kv_scale=P())
     return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), cache, specs)

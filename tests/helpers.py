@@ -30,10 +30,11 @@ def fresh_jit_caches():
     jax.clear_caches()
 
 
-def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None):
-    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]."""
+def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None, per_layer=False):
+    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V].
+    per_layer: the cache as one buffer per layer (model/cache.py), for unstacked params."""
     from model import decode_step, init_cache, prefill
-    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps + 1)
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps + 1, per_layer=per_layer)
     logits, cache = prefill(params, cache, tokens, lengths, cfg=cfg, all_logits=True, mesh=mesh)
     out = [np.asarray(logits)]
     for i in range(steps):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import TINY, generate
+from model import TINY, generate, init_cache, prefill
+from model.cache import to_per_layer, to_stacked
 from model.layout import is_unstacked, unstack_layers
 from model.moe import experts_dense_reference, experts_switch, route
 from quant import quantize_params
@@ -16,8 +17,10 @@ from tests.helpers import random_params, teacher_forced_logits
 CFG = TINY
 
 
-def _run(params, tokens, lengths):
-    return teacher_forced_logits(params, CFG, tokens, lengths)
+def _run(params, tokens, lengths, per_layer=None):
+    """Unstacked params run with a per-layer cache unless told otherwise."""
+    per_layer = is_unstacked(params) if per_layer is None else per_layer
+    return teacher_forced_logits(params, CFG, tokens, lengths, per_layer=per_layer)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,25 @@ def test_unstacked_equals_stacked(batch, recipe):
     assert len(f.we1) == CFG.n_routed_experts
     want, got = _run(params, *batch), _run(flat, *batch)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_unstacked_with_a_stacked_cache(batch):
+    """Unstacked params also take the library's [L, ...] cache, with the same logits."""
+    params = random_params(CFG, seed=3)
+    want, got = _run(params, *batch), _run(unstack_layers(params), *batch, per_layer=False)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_per_layer_cache_round_trip_and_refusal():
+    cache = init_cache(CFG, 2, 16)
+    cache = cache.replace(c_kv=jax.random.normal(jax.random.key(0), cache.c_kv.shape))
+    per = to_per_layer(cache)
+    assert per.per_layer and len(per.c_kv) == CFG.num_hidden_layers and per.c_kv[1].shape == (2, 16, CFG.kv_lora_rank)
+    assert (per.batch, per.max_len) == (cache.batch, cache.max_len) == (2, 16)
+    np.testing.assert_array_equal(np.asarray(to_stacked(per).c_kv), np.asarray(cache.c_kv))
+    assert jax.tree.structure(init_cache(CFG, 2, 16, per_layer=True)) == jax.tree.structure(per)
+    with pytest.raises(ValueError, match="per-layer cache goes with unstacked weights"):
+        prefill(random_params(CFG, seed=3), per, np.full((2, 4), 5, np.int32), np.array([4, 2]), cfg=CFG)
 
 
 def test_unstacked_with_experts_out_of_order_differs(batch):

@@ -29,10 +29,11 @@ def batch():
     return tokens, np.array([10, 6], np.int32)
 
 
-@pytest.mark.parametrize("n, recipe", [(2, None), (4, None), (2, "nvfp4_w4a16"), (2, "nvfp4_w4a4")])
-def test_tensor_parallel_equals_one_device(batch, n, recipe):
+@pytest.mark.parametrize("n, recipe, per_layer", [(2, None, True), (4, None, False), (2, "nvfp4_w4a16", True),
+                                                   (2, "nvfp4_w4a4", True)])
+def test_tensor_parallel_equals_one_device(batch, n, recipe, per_layer):
     """W4A4 with calibrated (static) activation scales: each device's slice of an activation is scaled as the
-    whole is."""
+    whole is. The cache: one buffer per layer, or the stacked [L, ...] one."""
     params = random_params(CFG, seed=3)
     if recipe is not None:
         tokens, lengths = batch
@@ -44,7 +45,7 @@ def test_tensor_parallel_equals_one_device(batch, n, recipe):
     wo = sharded.moe_layers[0].attn.wo
     if recipe is None:  # each device holds its heads only
         assert wo.sharding.shard_shape(wo.shape) == (CFG.num_attention_heads // n, *wo.shape[1:])
-    got = teacher_forced_logits(sharded, CFG, *batch, mesh=mesh)
+    got = teacher_forced_logits(sharded, CFG, *batch, mesh=mesh, per_layer=per_layer)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
