@@ -15,7 +15,7 @@ import numpy as np
 from model.cache import Cache, kv_load, kv_store
 from model.config import Config
 from model.layers import F32, rms_norm, swiglu
-from model.mla import attend_absorbed, attend_naive, cache_mask, causal_mask, project, write_cache
+from model.mla import attend_absorbed, attend_naive, causal_mask, project, write_cache
 from model.moe import moe, moe_train
 from model.params import Layer, Moe, Params
 
@@ -37,18 +37,27 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
-    if cache_c is not None:
-        start = positions[:, 0]
-        sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
+    start = positions[:, 0]
+    sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
+    read_first = decode and backend == "xla"
+    if cache_c is not None and not read_first:
         cache_c = write_cache(cache_c, kv_store(c_kv, sc), start)
         cache_r = write_cache(cache_r, kv_store(k_pe, sr), start)
     if decode and backend == "pallas":
         a = attend_absorbed(p.attn, q_nope, q_pe, cache_c, cache_r, None, cfg.softmax_scale, backend,
                             lengths=positions[:, 0] + 1, kv_scale=kv_scale)
     elif decode:
-        mask = cache_mask(positions, cache_c.shape[1])
-        a = attend_absorbed(p.attn, q_nope, q_pe, kv_load(cache_c, sc, x.dtype), kv_load(cache_r, sr, x.dtype), mask,
-                            cfg.softmax_scale)
+        # The cache as it was (slots before this step) and this step's latents as the cache will hold them, in
+        # one softmax; the write follows and depends on the result (+ 0 * a). Written first and read after, a
+        # batch-1 cache buffer was copied (and the write done twice) every layer and step by XLA:CPU.
+        old = jnp.broadcast_to(jnp.arange(cache_c.shape[1])[None, None, :] < start[:, None, None],
+                               (x.shape[0], x.shape[1], cache_c.shape[1]))
+        new_c, new_r = kv_store(c_kv, sc), kv_store(k_pe, sr)
+        a = attend_absorbed(p.attn, q_nope, q_pe, kv_load(cache_c, sc, x.dtype), kv_load(cache_r, sr, x.dtype), old,
+                            cfg.softmax_scale, new=(kv_load(new_c, sc, x.dtype), kv_load(new_r, sr, x.dtype)))
+        after = 0 * a[..., :1]
+        cache_c = write_cache(cache_c, kv_store(c_kv + after, sc), start)
+        cache_r = write_cache(cache_r, kv_store(k_pe + after, sr), start)
     else:
         mask = causal_mask(x.shape[1])
         if segments is not None:

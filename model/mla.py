@@ -67,13 +67,15 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale:
 
 
 def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Array, scale: float,
-                    backend: str = "xla", lengths=None, kv_scale=None) -> jax.Array:
+                    backend: str = "xla", lengths=None, kv_scale=None, new=None) -> jax.Array:
     """Weight-absorbed attention against the latent cache.
 
     q_nope: [B, T, N, H]; q_pe: [B, T, N, R]; cache_c: [B, S, C]; cache_r: [B, S, R]; mask: [B, T, S].
     scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
     backend "pallas" (one token per sequence): the split-KV kernel (pallas_kernels/mla_decode.py) over the raw
     cache, visible positions s < lengths [B], FP8 caches dequantized in the kernel with kv_scale [2].
+    new: (c_kv [B, T, C], k_pe [B, T, R]) of the T query tokens themselves, attended causally in one softmax with
+    the cache slots the mask shows (xla backend): decode then reads the cache before this step's write.
     """
     with jax.named_scope("attend_absorbed"):
         # wk_b is contracted over H here, not its reduction axis C: no activation quantization for this product
@@ -94,9 +96,20 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
         scores = (batched(cache_c, q_lat.reshape(b, t * n, c))
                   + batched(cache_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale  # [B, S, T*N]
         visible = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, mask.shape[2], t, n))
-        probs = jax.nn.softmax(jnp.where(visible.reshape(b, -1, t * n), scores, NEG_INF), axis=1)
-        o_lat = jax.lax.dot_general(cache_c, probs.astype(cache_c.dtype), (((1,), (1,)), ((0,), (0,))),
-                                    preferred_element_type=F32)  # [B, C, T*N]
+        visible = visible.reshape(b, -1, t * n)  # [B, S, T*N]
+        s_len = scores.shape[1]
+        if new is not None:  # the T new tokens as T more keys, each seen by itself and the queries after it
+            new_c, new_r = new
+            scores = jnp.concatenate([scores, (batched(new_c, q_lat.reshape(b, t * n, c))
+                                               + batched(new_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale], 1)
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)).T[:, :, None], (t, t, n)).reshape(t, t * n)
+            visible = jnp.concatenate([visible, jnp.broadcast_to(causal, (b, t, t * n))], 1)
+        probs = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=1)  # [B, S (+T), T*N]
+        weighted = lambda v, pr: jax.lax.dot_general(  # noqa: E731  [B, S, C] x [B, S, M] -> [B, C, M]
+            v, pr.astype(v.dtype), (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)
+        o_lat = weighted(cache_c, probs[:, :s_len])  # [B, C, T*N]
+        if new is not None:
+            o_lat = o_lat + weighted(new_c, probs[:, s_len:])
         o_lat = jnp.swapaxes(o_lat, 1, 2).reshape(b, t, n, c).astype(q_nope.dtype)
         o = qdot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
         return qdot(o, p.wo, "BTNV,NVD->BTD")
