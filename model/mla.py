@@ -91,8 +91,13 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
         # The cache is the left operand of both products, contracted in its stored [S, C] layout: written the
         # other way round, XLA:CPU copies the cache transposed before the second product, every layer and step.
         b, t, n, c = q_lat.shape
-        batched = lambda lhs, rhs: jax.lax.dot_general(  # noqa: E731  [B, S, K] x [B, M, K] -> [B, S, M]
-            lhs, rhs, (((2,), (2,)), ((0,), (0,))), preferred_element_type=F32)
+
+        def batched(lhs, rhs):  # [B, S, K] x [B, M, K] -> [B, S, M]
+            return jax.lax.dot_general(lhs, rhs, (((2,), (2,)), ((0,), (0,))), preferred_element_type=F32)
+
+        def weighted(v, pr):  # [B, S, C] x [B, S, M] -> [B, C, M]
+            return jax.lax.dot_general(v, pr.astype(v.dtype), (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)
+
         scores = (batched(cache_c, q_lat.reshape(b, t * n, c))
                   + batched(cache_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale  # [B, S, T*N]
         visible = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, mask.shape[2], t, n))
@@ -105,8 +110,6 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
             causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)).T[:, :, None], (t, t, n)).reshape(t, t * n)
             visible = jnp.concatenate([visible, jnp.broadcast_to(causal, (b, t, t * n))], 1)
         probs = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=1)  # [B, S (+T), T*N]
-        weighted = lambda v, pr: jax.lax.dot_general(  # noqa: E731  [B, S, C] x [B, S, M] -> [B, C, M]
-            v, pr.astype(v.dtype), (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)
         o_lat = weighted(cache_c, probs[:, :s_len])  # [B, C, T*N]
         if new is not None:
             o_lat = o_lat + weighted(new_c, probs[:, s_len:])
