@@ -8,10 +8,10 @@ matrix indexed out of the stack vs 51-59 GB/s as its own buffer). With separate 
 unrolled Python loop and each token's experts are picked by `lax.switch` (model/moe.py, `experts_switch`), so
 every dot reads its weights in place. The latent cache goes with it as one buffer per layer (model/cache.py,
 `per_layer=True`), which the unrolled layers update in place. The price: compile time grows with layers x experts,
-no training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. The only sharding is
-tensor parallelism (sharding/tp.py: `shard_unstacked`, then pass a `tensor=N` mesh), which on a CPU with one
-device per core lets the cores read their slices of every weight at once. On a GPU the
-stacked layout is the one to use: the Pallas grouped matmul (pallas_kernels/) reads the selected experts in place.
+no training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. The only
+sharding is tensor parallelism (sharding/tp.py: `shard_unstacked`, then pass a `tensor=N` mesh), which on a CPU
+with one device per core lets the cores read their slices of every weight at once. On a GPU the stacked layout is
+the one to use: the Pallas grouped matmul (pallas_kernels/) reads the selected experts in place.
 """
 
 from __future__ import annotations
