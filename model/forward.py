@@ -22,7 +22,7 @@ from model.params import Layer, Moe, Params
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
           layer=None, train: bool = False, mesh=None, kv_scale=None, backend: str = "xla", segments=None,
-          tp_axis: str | None = None):
+          tp_axis: str | None = None, read_first: bool = False):
     """One decoder layer. x: [B, T, D]; positions: [B, T]; cache_c: [B, S, C]; cache_r: [B, S, R] (or None).
 
     Prefill (decode=False) writes the new latents at offset 0 and attends in the naive form among the T tokens;
@@ -39,7 +39,7 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
     start = positions[:, 0]
     sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
-    read_first = decode and backend == "xla"
+    read_first = read_first and decode and backend == "xla"
     if cache_c is not None and not read_first:
         cache_c = write_cache(cache_c, kv_store(c_kv, sc), start)
         cache_r = write_cache(cache_r, kv_store(k_pe, sr), start)
@@ -136,7 +136,7 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
                     ks = None if cache is None or cache.kv_scale is None else cache.kv_scale[lo + j]
                     x, ccs[j], crs[j], _ = block(layer, x, positions, ccs[j], crs[j], cfg, decode=decode,
                                                  moe_impl=moe_impl, kv_scale=ks, backend=backend,
-                                                 segments=segments, tp_axis=tp_axis)
+                                                 segments=segments, tp_axis=tp_axis, read_first=True)
                 if cache is not None and cache.per_layer:
                     c_kv, k_pe = c_kv[:lo] + tuple(ccs) + c_kv[hi:], k_pe[:lo] + tuple(crs) + k_pe[hi:]
                 elif cache is not None:

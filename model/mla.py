@@ -88,32 +88,33 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
             o_lat = decode_attention(q_lat[:, 0], q_pe[:, 0], cache_c, cache_r, lengths, scale, kv_scale)
             o = qdot(o_lat[:, None].astype(q_nope.dtype), p.wv_b, "BTNC,NCV->BTNV")
             return qdot(o, p.wo, "BTNV,NVD->BTD")
-        # The cache is the left operand of both products, contracted in its stored [S, C] layout: written the
-        # other way round, XLA:CPU copies the cache transposed before the second product, every layer and step.
-        b, t, n, c = q_lat.shape
-
-        def batched(lhs, rhs):  # [B, S, K] x [B, M, K] -> [B, S, M]
-            return jax.lax.dot_general(lhs, rhs, (((2,), (2,)), ((0,), (0,))), preferred_element_type=F32)
-
-        def weighted(v, pr):  # [B, S, C] x [B, S, M] -> [B, C, M]
-            return jax.lax.dot_general(v, pr.astype(v.dtype), (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)
-
-        scores = (batched(cache_c, q_lat.reshape(b, t * n, c))
-                  + batched(cache_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale  # [B, S, T*N]
-        visible = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, mask.shape[2], t, n))
-        visible = visible.reshape(b, -1, t * n)  # [B, S, T*N]
-        s_len = scores.shape[1]
+        scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
+                  + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
+        visible = mask[:, None]  # [B, 1, T, S]
+        s_len = scores.shape[-1]
         if new is not None:  # the T new tokens as T more keys, each seen by itself and the queries after it
             new_c, new_r = new
-            scores = jnp.concatenate([scores, (batched(new_c, q_lat.reshape(b, t * n, c))
-                                               + batched(new_r, q_pe.reshape(b, t * n, q_pe.shape[-1]))) * scale], 1)
-            causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)).T[:, :, None], (t, t, n)).reshape(t, t * n)
-            visible = jnp.concatenate([visible, jnp.broadcast_to(causal, (b, t, t * n))], 1)
-        probs = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=1)  # [B, S (+T), T*N]
-        o_lat = weighted(cache_c, probs[:, :s_len])  # [B, C, T*N]
+            scores = jnp.concatenate([scores, (jnp.einsum("BTNC,BUC->BNTU", q_lat, new_c, preferred_element_type=F32)
+                                               + jnp.einsum("BTNR,BUR->BNTU", q_pe, new_r,
+                                                            preferred_element_type=F32)) * scale], -1)
+            t = q_nope.shape[1]
+            visible = jnp.concatenate([jnp.broadcast_to(visible, (*visible.shape[:3], s_len)),
+                                       jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (*visible.shape[:2], t, t))],
+                                      -1)
+        probs = _softmax(scores, visible)  # [B, N, T, S (+T)]
+
+        def weighted(v, pr):  # values [B, S, C] (the cache as the left operand, in its stored layout) x probs
+            # [B, N, T, S] -> [B, T, N, C]. Contracting the cache's S axis from the right made XLA:CPU copy the
+            # cache transposed every layer and step; transposing the probabilities instead is cheap.
+            b, n, t, _ = pr.shape
+            pr = jnp.moveaxis(pr, 3, 1).reshape(b, -1, n * t).astype(v.dtype)  # [B, S, N*T]
+            o = jax.lax.dot_general(v, pr, (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)  # [B, C, N*T]
+            return jnp.moveaxis(o.reshape(b, -1, n, t), 1, 3).swapaxes(1, 2)  # [B, T, N, C]
+
+        o_lat = weighted(cache_c, probs[..., :s_len])
         if new is not None:
-            o_lat = o_lat + weighted(new_c, probs[:, s_len:])
-        o_lat = jnp.swapaxes(o_lat, 1, 2).reshape(b, t, n, c).astype(q_nope.dtype)
+            o_lat = o_lat + weighted(new_c, probs[..., s_len:])
+        o_lat = o_lat.astype(q_nope.dtype)
         o = qdot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
         return qdot(o, p.wo, "BTNV,NVD->BTD")
 
