@@ -32,13 +32,14 @@ def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool
     kv_scale: [2] this layer's (c_kv, k_pe) scales when the cache is FP8. backend: "xla" or "pallas" (attention
     and routed experts through pallas_kernels/). segments: [B, T] document ids of packed training rows (no cache):
     a token attends only to earlier tokens of its own document. tp_axis: inside sharding/tp.py's shard_map, the
-    mesh axis over which the attention output and the FFN output are partial sums (psum'd here). read_first:
+    mesh axis over which the attention output and the FFN output are partial sums (psum'd here) and the
+    down-projections' column slices are gathered (mla.project). read_first:
     decode (xla backend) attends to the cache as it was plus this step's latents, then writes them (the
     unrolled layers of the unstacked layout, whose per-layer buffers XLA:CPU otherwise copies every step).
     Returns (x, cache_c, cache_r, stats or None).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
+    q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg, tp_axis)
     start = positions[:, 0]
     sc, sr = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
     read_first = read_first and decode and backend == "xla"

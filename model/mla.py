@@ -23,22 +23,45 @@ from quant.qarray import weight
 NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
 
 
-def project(p: Attention, x: jax.Array, positions: jax.Array, cfg: Config):
+def project(p: Attention, x: jax.Array, positions: jax.Array, cfg: Config, tp_axis: str | None = None):
     """Low-rank query and key/value paths, with RoPE applied.
 
-    Args: x: [B, T, D]; positions: [B, T].
+    Args: x: [B, T, D]; positions: [B, T]. tp_axis: inside sharding/tp.py's shard_map, where the down-projections
+    wq_a and wkv_a may hold a column slice each (their outputs are then gathered whole, in one all-gather).
     Returns: q_nope [B, T, N, H], q_pe [B, T, N, R], c_kv [B, T, C] (after kv_norm), k_pe [B, T, R] (rotated).
     """
     h, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    with jax.named_scope("down_proj"):
+        c_q = qdot(x, p.wq_a, "BTD,DQ->BTQ")  # [B, T, Q]
+        kv = qdot(x, p.wkv_a, "BTD,DK->BTK")  # [B, T, C+R]
+        if tp_axis is not None:
+            c_q, kv = gather_columns((c_q, kv), (cfg.q_lora_rank, c + cfg.qk_rope_head_dim), tp_axis)
     with jax.named_scope("q_proj"):
-        c_q = rms_norm(qdot(x, p.wq_a, "BTD,DQ->BTQ"), p.q_norm, cfg.rms_norm_eps)  # [B, T, Q]
+        c_q = rms_norm(c_q, p.q_norm, cfg.rms_norm_eps)
         q = qdot(c_q, p.wq_b, "BTQ,QNK->BTNK")  # [B, T, N, H+R]
         q_nope, q_pe = q[..., :h], apply_rope(q[..., h:], positions, cfg)
     with jax.named_scope("kv_proj"):
-        kv = qdot(x, p.wkv_a, "BTD,DK->BTK")  # [B, T, C+R]
         c_kv = rms_norm(kv[..., :c], p.kv_norm, cfg.rms_norm_eps)  # [B, T, C]
         k_pe = apply_rope(kv[..., c:], positions, cfg)  # [B, T, R]
     return q_nope, q_pe, c_kv, k_pe
+
+
+def gather_columns(parts: tuple[jax.Array, ...], widths: tuple[int, ...], axis: str) -> tuple[jax.Array, ...]:
+    """Outputs [..., W] of products whose weights may hold a column slice each on every device of mesh axis `axis`
+    (a part narrower than its whole width W is a slice) -> the whole outputs, with one all-gather for all the
+    slices rather than one each: on a CPU a collective costs tens of microseconds."""
+    sliced = [i for i, (a, w) in enumerate(zip(parts, widths)) if a.shape[-1] != w]
+    if not sliced:
+        return parts
+    local = jnp.concatenate([parts[i] for i in sliced], -1)  # [..., sum of slice widths]
+    every = jax.lax.all_gather(local, axis, axis=local.ndim - 1)  # [..., devices, sum of slice widths]
+    out, at = list(parts), 0
+    for i in sliced:
+        w = parts[i].shape[-1]
+        whole = every[..., at:at + w]
+        out[i] = whole.reshape(*whole.shape[:-2], -1)  # device-major: the devices' slices side by side
+        at += w
+    return tuple(out)
 
 
 def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,6 +1,8 @@
 """Tensor-parallel inference of the unstacked layout (sharding/tp.py): each device holds a slice of every head,
 expert width and the vocabulary, and the prefill and decode logits equal one device's, plain and quantized."""
 
+from unittest import mock
+
 import jax
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ def batch():
 
 
 @pytest.mark.parametrize("n, recipe, per_layer", [(2, None, True), (4, None, False), (2, "nvfp4_w4a16", True),
-                                                   (2, "nvfp4_w4a4", True)])
+                                                   (2, "nvfp4_w4a4+attn", True)])
 def test_tensor_parallel_equals_one_device(batch, n, recipe, per_layer):
     """W4A4 with calibrated (static) activation scales: each device's slice of an activation is scaled as the
     whole is. The cache: one buffer per layer, or the stacked [L, ...] one."""
@@ -42,9 +44,12 @@ def test_tensor_parallel_equals_one_device(batch, n, recipe, per_layer):
     want = teacher_forced_logits(params, CFG, *batch)
     mesh = _mesh(n)
     sharded = shard_unstacked(unstack_layers(params), CFG, mesh)
-    wo = sharded.moe_layers[0].attn.wo
-    if recipe is None:  # each device holds its heads only
-        assert wo.sharding.shard_shape(wo.shape) == (CFG.num_attention_heads // n, *wo.shape[1:])
+    attn = sharded.moe_layers[0].attn
+    if recipe is None:  # each device holds its heads only, and its columns of the down-projections
+        assert attn.wo.sharding.shard_shape(attn.wo.shape) == (CFG.num_attention_heads // n, *attn.wo.shape[1:])
+        assert attn.wq_a.sharding.shard_shape(attn.wq_a.shape) == (CFG.hidden_size, CFG.q_lora_rank // n)
+    elif "attn" in recipe:  # NVFP4 codes [Q, D/2] split by their rows: whole 16-blocks along D
+        assert attn.wkv_a.codes.sharding.shard_shape(attn.wkv_a.codes.shape)[0] == attn.wkv_a.codes.shape[0] // n
     got = teacher_forced_logits(sharded, CFG, *batch, mesh=mesh, per_layer=per_layer)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
@@ -58,7 +63,9 @@ def test_tensor_parallel_without_the_reductions_differs(batch):
     cache = init_cache(CFG, 2, 14)
     _, cache = prefill(sharded, cache, tokens, lengths, cfg=CFG, mesh=mesh)
     right, _ = jax.jit(lambda p, c, t: decode_fn(p, c, t, CFG, mesh=mesh))(sharded, cache, tokens[:, 0])
-    no_psum = lambda p, c, t, tp_axis: decode_fn(p, c, t, CFG)  # noqa: E731
+    def no_psum(p, c, t, tp_axis):  # the down-projections' all-gather stays, the layers' psums become identities
+        with mock.patch.object(jax.lax, "psum", lambda x, axis: x):
+            return decode_fn(p, c, t, CFG, tp_axis=tp_axis)
     wrong, _ = jax.jit(lambda p, c, t: tensor_parallel(no_psum, p, c, t, cfg=CFG, mesh=mesh))(
         sharded, cache, tokens[:, 0])
     assert np.abs(np.asarray(wrong) - np.asarray(right)).max() > 1e-2
@@ -75,13 +82,26 @@ def test_tensor_parallel_generates_the_same_tokens():
 
 
 def test_specs_split_heads_widths_and_vocabulary():
-    flat = unstack_layers(random_params(CFG, seed=4))
+    params = random_params(CFG, seed=4)
+    flat = unstack_layers(params)
     s = unstacked_specs(flat, CFG)
     layer = s.moe_layers[0]
     assert layer.attn.wo == P("tensor", None, None) and layer.attn.wkv_a == P(None, None)
     assert layer.ffn.we1[0] == P(None, "tensor") and layer.ffn.we2[-1] == P("tensor", None)
     assert layer.ffn.shared.w2 == P("tensor", None) and s.dense_layers[0].ffn.w1 == P(None, "tensor")
     assert s.lm_head == P(None, ("expert", "tensor")) and s.embed == P()
+    assert s.moe_layers[0].ffn.w_router == P(None, None)  # every device routes the whole x alike
+    # with the mesh: the down-projections by columns where the slices are whole
+    for n in (2, 4):
+        a = unstacked_specs(flat, CFG, mesh=_mesh(n)).dense_layers[0].attn
+        assert a.wq_a == P(None, "tensor") and a.wkv_a == P(None, "tensor")
+    # q_lora_rank 32 and C+R 40 do not split 3 ways; an FP8 weight keeps them whole: 16 columns per device are
+    # not whole 128 x 128 tiles
+    a = unstacked_specs(flat, CFG, mesh=make_mesh("tensor=3", devices=jax.devices()[:3])).moe_layers[0].attn
+    assert a.wq_a == P(None, None) and a.wkv_a == P(None, None)
+    fp8 = unstack_layers(quantize_params(params, "fp8_w8a8"))
+    a = unstacked_specs(fp8, CFG, mesh=_mesh(2)).moe_layers[0].attn
+    assert a.wq_a == P(None, None) and a.wkv_a == P(None, None) and a.wo == P("tensor", None, None)
 
 
 def test_tensor_parallel_errors():
