@@ -5,11 +5,12 @@ one program per host device (`--xla_force_host_platform_device_count=N`), the sa
 cores read their halves of every weight at the same time. Megatron-style, with the library's rules
 (sharding/rules.py): attention heads, dense / shared / routed expert widths and the LM head's vocabulary over
 `tensor`; the latent cache, the router and the embedding replicated. The low-rank q and kv down-projections
-(wq_a [D, Q], wkv_a [D, C+R]) are split by columns where whole slices (and whole scale blocks) allow: each device
-computes its columns and one all-gather assembles c_q and the latent; split, a device reads 1/tp of them instead
-of all (for `small` that is 22 MB less per device and step of about 265 MB), for one collective more per layer.
+(wq_a [D, Q], wkv_a [D, C+R]) are split by columns where whole slices (and whole scale blocks) allow and the
+reads saved outweigh one collective more per layer (SPLIT_MIN_BYTES): each device computes its columns and one
+all-gather assembles c_q and the latent. For `small` on two devices that is 1.4 MB less per device and layer
+(11 MB of about 254 MB a step); `tiny`'s stay whole.
 
-Per layer:  x[B, T, D] -> [c_q | c_kv, k_pe] columns -> all_gather(tensor) -> attention over H/tp heads
+Per layer:  x[B, T, D] -> [c_q | c_kv, k_pe] (columns: all_gather(tensor)) -> attention over H/tp heads
             -> psum(tensor) -> + x -> FFN over width F/tp -> psum(tensor)
 Per step:   logits[B, V/tp] -> all_gather(tensor) -> logits[B, V] on every device.
 
@@ -60,7 +61,8 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
     """PartitionSpecs of the logical weights for params in the unstacked layout: the stacked rules without the
     layer (and expert) axes, the embedding and the MTP module replicated. With the mesh, the down-projections
     wq_a and wkv_a split their columns over `tensor` where each device gets whole columns and whole scale blocks
-    (plain, NVFP4 and MXFP4 weights; an FP8 weight needs a multiple of 128 columns per device), else stay whole."""
+    (plain, NVFP4 and MXFP4 weights; an FP8 weight needs a multiple of 128 columns per device) and the split
+    saves each device at least SPLIT_MIN_BYTES of reads, else stay whole."""
     specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
 
     def drop(n):
@@ -77,8 +79,7 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
                                                             getattr(layer.ffn, k))
                                                    for k in ("we1", "we3", "we2")}))
             if mesh is not None:
-                s = s.replace(attn=s.attn.replace(**{k: _column_split(getattr(layer.attn, k), mesh)
-                                                     for k in ("wq_a", "wkv_a")}))
+                s = s.replace(attn=s.attn.replace(**_down_projection_specs(layer.attn, mesh)))
             out.append(s)
         return tuple(out)
 
@@ -88,6 +89,24 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
     return specs.replace(embed=P(), mtp=None if specs.mtp is None else replicated(specs.mtp),
                          dense_layers=layers(specs.dense_layers, params.dense_layers),
                          moe_layers=layers(specs.moe_layers, params.moe_layers))
+
+
+# A split down-projection costs one all-gather per layer: on this project's 2-core CPU machine tens of
+# microseconds, the time a core takes to read about 1 MB. Below that saving per device the weights stay whole.
+SPLIT_MIN_BYTES = 1 << 20
+
+
+def _down_projection_specs(attn, mesh) -> dict[str, P]:
+    """Specs of wq_a and wkv_a: split by columns (see `_column_split`) when that saves a device SPLIT_MIN_BYTES
+    of reads per step, else both whole."""
+    from quant.qarray import is_qarray
+
+    n = mesh_sizes(mesh).get(AXIS, 1)
+    specs = {k: _column_split(getattr(attn, k), mesh) for k in ("wq_a", "wkv_a")}
+    size = {k: w.nbytes if is_qarray(w) else w.size * w.dtype.itemsize
+            for k, w in ((k, getattr(attn, k)) for k in specs)}
+    saved = sum(size[k] * (n - 1) // n for k, sp in specs.items() if sp == P(None, AXIS))
+    return specs if saved >= SPLIT_MIN_BYTES else dict.fromkeys(specs, P(None, None))
 
 
 def _column_split(w, mesh) -> P:

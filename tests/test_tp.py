@@ -9,15 +9,26 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model import TINY, generate, init_cache, prefill
+from model.config import get_preset
 from model.forward import decode_fn
 from model.layout import unstack_layers
+from model.params import init
 from quant import quantize_params
 from quant.calibrate import calibrate
+from sharding import tp
 from sharding.mesh import make_mesh
 from sharding.tp import shard_unstacked, tensor_parallel, unstacked_specs
 from tests.helpers import random_params, teacher_forced_logits
 
 CFG = TINY
+SPLIT_MIN_BYTES = tp.SPLIT_MIN_BYTES  # the library's threshold, before the fixture below lowers it
+
+
+@pytest.fixture(autouse=True)
+def split_down_projections(monkeypatch):
+    """tiny's down-projections are too small to split by default (SPLIT_MIN_BYTES): split them anyway, so every
+    test here runs that path too."""
+    monkeypatch.setattr(tp, "SPLIT_MIN_BYTES", 0)
 
 
 def _mesh(n):
@@ -102,6 +113,29 @@ def test_specs_split_heads_widths_and_vocabulary():
     fp8 = unstack_layers(quantize_params(params, "fp8_w8a8"))
     a = unstacked_specs(fp8, CFG, mesh=_mesh(2)).moe_layers[0].attn
     assert a.wq_a == P(None, None) and a.wkv_a == P(None, None) and a.wo == P("tensor", None, None)
+
+
+def test_down_projections_split_only_when_it_pays(monkeypatch):
+    """By default tiny's down-projections (18 KB) stay whole and small's (2.8 MB a layer) split; a split one costs
+    the decode step one all-gather per layer, on top of the logits' one."""
+    mesh = _mesh(2)
+    small = get_preset("small")
+    shapes = jax.eval_shape(lambda: unstack_layers(init(small, jax.random.key(0))))
+    params = unstack_layers(random_params(CFG, seed=4))
+    cache = init_cache(CFG, 1, 8)
+    gathers = {}
+    for threshold in (SPLIT_MIN_BYTES, 0):
+        monkeypatch.setattr(tp, "SPLIT_MIN_BYTES", threshold)
+        a = unstacked_specs(params, CFG, mesh=mesh).moe_layers[0].attn
+        b = unstacked_specs(shapes, small, mesh=mesh).moe_layers[0].attn
+        assert b.wq_a == P(None, "tensor") and b.wkv_a == P(None, "tensor")
+        whole = threshold > 0
+        assert (a.wq_a, a.wkv_a) == ((P(None, None),) * 2 if whole else (P(None, "tensor"),) * 2)
+        sharded = shard_unstacked(params, CFG, mesh)
+        text = jax.jit(lambda p, c, t: decode_fn(p, c, t, CFG, mesh=mesh)).lower(
+            sharded, cache, np.zeros(1, np.int32)).as_text()
+        gathers[whole] = text.count("stablehlo.all_gather")
+    assert gathers == {True: 1, False: 1 + CFG.num_hidden_layers}
 
 
 def test_tensor_parallel_errors():
