@@ -1,4 +1,5 @@
-"""The numbers the benchmarks divide by: bytes per decode step, expected distinct experts, and the matvec forms."""
+"""The numbers the benchmarks divide by: bytes per decode step, expected distinct experts, and the products the
+matrix-vector benchmarks time."""
 
 import importlib.util
 from pathlib import Path
@@ -35,11 +36,16 @@ def test_expected_distinct_experts_matches_sampling():
         assert np.mean(trials) == pytest.approx(expected_distinct_experts(SMALL, tokens), rel=0.02), tokens
 
 
-def test_matvec_forms_compute_the_same_product():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_matvec.py"
-    spec = importlib.util.spec_from_file_location("bench_matvec", path)
+def _script(name):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_matvec_forms_compute_the_same_product():
+    mod = _script("bench_matvec")
     w = jax.random.normal(jax.random.key(0), (3, 16, 8), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (16,), jnp.float32)
     want = np.einsum("d,edm->m", np.asarray(x), np.asarray(w))
@@ -60,3 +66,35 @@ def test_bench_ours_times_every_layout():
     assert set(out) == {("decode", 1), ("bw", 1), ("decode/u", 1), ("bw/u", 1), ("decode/tp", 1), ("bw/tp", 1),
                         ("prefill", 8)}
     assert all(v > 0 for v in out.values())
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def test_chains_compute_the_products_they_time():
+    """scripts/bench_chains.py: with the outputs coupled back strongly (0.25 instead of 1e-30), every case's chain
+    equals numpy's on each device's own slices, and each case holds about the byte budget per device."""
+    from jax.sharding import Mesh
+    mod = _script("bench_chains")
+    d, budget = 16, 16 * 16 * 16 * 4  # one LM-head unit; 21 expert units
+    mesh = Mesh(np.array(jax.devices()[:2]), ("t",))
+    for name, (shapes, _) in mod.units(d).items():
+        run, args, nbytes = mod.build(name, d, budget, mesh, couple=0.25)
+        assert budget // 2 <= nbytes / 2 <= budget, name
+        h, *ws = (np.asarray(a, np.float64) for a in args)
+        got = np.asarray(run(*args))
+        for dev in range(2):
+            v = h[dev]
+            mats = [w.reshape(2, -1, w.shape[-1])[dev] for w in ws]
+            for i in range(0, len(mats), len(shapes)):
+                unit = mats[i:i + len(shapes)]
+                if name.startswith("experts"):
+                    g, u, dn = unit
+                    v = v + 0.25 * (((_silu(v @ g) * (v @ u)) @ dn) if "[in, out]" in name else
+                                    dn @ (_silu(g @ v) * (u @ v)))
+                else:
+                    (w,) = unit
+                    y = v @ w if "x @ W" in name else w @ np.tile(v, w.shape[1] // d)
+                    v = v + 0.25 * y[:1]
+            np.testing.assert_allclose(got[dev], v, rtol=1e-4, atol=1e-4 * np.abs(v).max(), err_msg=name)
