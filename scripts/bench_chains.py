@@ -12,9 +12,9 @@ samples; the table gives medians over the rounds and each case's median share of
 
 Cases, per device (D = --width, 1024 as in `small`; x @ W: weights stored [in, out] as this project stores them,
 W @ x: stored [out, in] as PyTorch does):
-    one product       W [8 D rows of ..., 8 D] @ x: a single product over all the MiB, rows of 8 D (the meter's form)
-    x @ W [D, D/4]    1 MiB products (an expert's gate or up half on two devices)
-    x @ W [D, 4 D]    16 MiB products
+    one product       W [rows, 8 D] @ x: one product over all the MiB, rows of 8 D (the meter's form)
+    x @ W [D, D/4]    1 MiB products at D = 1024 (an expert's gate or up half on two devices)
+    x @ W [D, 4 D]    16 MiB products at D = 1024
     experts [in,out]  gate and up [D, D/4], SwiGLU, down [D/4, D]: a routed expert's half on two devices
     experts [out,in]  the same stored [out, in]
     head x @ W        [D, 16 D]: half the LM head of `small` on two devices
