@@ -14,6 +14,7 @@ Cases, per device (D = --width, 1024 as in `small`; x @ W: weights stored [in, o
 W @ x: stored [out, in] as PyTorch does):
     one product       W [rows, 8 D] @ x: one product over all the MiB, rows of 8 D (the meter's form)
     x @ W [D, D/4]    1 MiB products at D = 1024 (an expert's gate or up half on two devices)
+      in pairs / fours  the same products, two or four at a time independent of each other (as gate and up are)
     x @ W [D, 4 D]    16 MiB products at D = 1024
     experts [in,out]  gate and up [D, D/4], SwiGLU, down [D/4, D]: a routed expert's half on two devices
     experts [out,in]  the same stored [out, in]
@@ -56,6 +57,12 @@ def units(d: int, couple: float = COUPLE) -> dict:
             return h + couple * y[:1]
         return run
 
+    def independent(h, ws):  # products that do not wait for each other, then one dependent step
+        y = h @ ws[0]
+        for w in ws[1:]:
+            y = y + h @ w
+        return h + couple * y[:1]
+
     def experts(form):
         def run(h, ws):
             g, u, dn = ws
@@ -67,6 +74,8 @@ def units(d: int, couple: float = COUPLE) -> dict:
     return {
         ONE: ([(8 * d, 8 * d)], single("W@x")),  # rows of 8 D; grown to the whole budget by `plan`
         "x @ W [D, D/4]": ([(d, m)], single("x@W")),
+        "  in pairs": ([(d, m)] * 2, independent),
+        "  in fours": ([(d, m)] * 4, independent),
         "x @ W [D, 4 D]": ([(d, 4 * d)], single("x@W")),
         "experts [in, out]": ([(d, m), (d, m), (m, d)], experts("x@W")),
         "experts [out, in]": ([(m, d), (m, d), (d, m)], experts("W@x")),
