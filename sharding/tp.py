@@ -62,7 +62,7 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
     layer (and expert) axes, the embedding and the MTP module replicated. With the mesh, the down-projections
     wq_a and wkv_a split their columns over `tensor` where each device gets whole columns and whole scale blocks
     (plain, NVFP4 and MXFP4 weights; an FP8 weight needs a multiple of 128 columns per device) and the split
-    saves each device at least SPLIT_MIN_BYTES of reads, else stay whole."""
+    saves each device at least SPLIT_MIN_BYTES of reads in that layer, else stay whole."""
     specs = param_specs(cfg, rules, with_mtp=params.mtp is not None)
 
     def drop(n):
@@ -92,20 +92,22 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
 
 
 # A split down-projection costs one all-gather per layer: on this project's 2-core CPU machine tens of
-# microseconds, the time a core takes to read about 1 MB. Below that saving per device the weights stay whole.
+# microseconds, the time a core takes to read about 1 MB. Below that saving per device and layer the weights
+# stay whole.
 SPLIT_MIN_BYTES = 1 << 20
 
 
 def _down_projection_specs(attn, mesh) -> dict[str, P]:
-    """Specs of wq_a and wkv_a: split by columns (see `_column_split`) when that saves a device SPLIT_MIN_BYTES
-    of reads per step, else both whole."""
+    """Specs of one layer's wq_a and wkv_a: split by columns (see `_column_split`) when that saves a device
+    SPLIT_MIN_BYTES of reads in this layer (the price is this layer's all-gather), else both whole."""
     from quant.qarray import is_qarray
+
+    def nbytes(w):
+        return w.nbytes if is_qarray(w) else w.size * w.dtype.itemsize
 
     n = mesh_sizes(mesh).get(AXIS, 1)
     specs = {k: _column_split(getattr(attn, k), mesh) for k in ("wq_a", "wkv_a")}
-    size = {k: w.nbytes if is_qarray(w) else w.size * w.dtype.itemsize
-            for k, w in ((k, getattr(attn, k)) for k in specs)}
-    saved = sum(size[k] * (n - 1) // n for k, sp in specs.items() if sp == P(None, AXIS))
+    saved = sum(nbytes(getattr(attn, k)) * (n - 1) // n for k, sp in specs.items() if sp == P(None, AXIS))
     return specs if saved >= SPLIT_MIN_BYTES else dict.fromkeys(specs, P(None, None))
 
 
