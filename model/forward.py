@@ -14,10 +14,10 @@ import numpy as np
 
 from model.cache import Cache, kv_load, kv_store
 from model.config import Config
-from model.layers import F32, rms_norm, swiglu
+from model.layers import F32, rms_norm, rows_dot, swiglu
 from model.mla import attend_absorbed, attend_naive, causal_mask, project, write_cache
 from model.moe import moe, moe_train
-from model.params import Layer, Moe, Params
+from model.params import Layer, Moe, Params, Transposed
 
 
 def block(p: Layer, x, positions, cache_c, cache_r, cfg: Config, *, decode: bool, moe_impl: str = "auto",
@@ -169,6 +169,8 @@ def forward(params: Params, cache: Cache | None, tokens, positions, cfg: Config,
 
 def lm_logits(params: Params, hidden) -> jax.Array:
     """[..., D] -> [..., V] float32."""
+    if isinstance(params.lm_head, Transposed):  # the unstacked layout's [V, D] head
+        return rows_dot(params.lm_head.t, hidden)
     return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=F32)
 
 

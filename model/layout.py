@@ -7,7 +7,11 @@ that reads each weight once also writes and re-reads it (`scripts/bench_matvec.p
 matrix indexed out of the stack vs 51-59 GB/s as its own buffer). With separate buffers the layers run as an
 unrolled Python loop and each token's experts are picked by `lax.switch` (model/moe.py, `experts_switch`), so
 every dot reads its weights in place. The latent cache goes with it as one buffer per layer (model/cache.py,
-`per_layer=True`), which the unrolled layers update in place. The price: compile time grows with layers x experts,
+`per_layer=True`), which the unrolled layers update in place. Plain float weights of the products that dominate
+a one-token step, the SwiGLU MLPs (routed experts, shared expert, dense layers) and the LM head, are stored
+output axis first (`OutMajorMlp`, with gate and up as one [2, F, D] matrix; `Transposed`), so that XLA:CPU runs
+each as W @ x with the weight as the left operand, which reads them faster than x @ W (docs/benchmarks.md,
+"Output-major weights"); quantized weights keep their own layout. The price: compile time grows with layers x experts,
 no training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. The only
 sharding is tensor parallelism (sharding/tp.py: `shard_unstacked`, then pass a `tensor=N` mesh), which on a CPU
 with one device per core lets the cores read their slices of every weight at once. On a GPU the stacked layout is
@@ -20,8 +24,9 @@ import math
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 
-from model.params import Layer, Moe, Params
+from model.params import Layer, Mlp, Moe, OutMajorMlp, Params, Transposed
 
 
 @partial(jax.jit, static_argnums=1)
@@ -36,20 +41,49 @@ def _split(tree, counts: tuple[int, ...]) -> list:
     return [treedef.unflatten([_take(a, len(counts), i) for a in leaves]) for i in range(math.prod(counts))]
 
 
+def _plain(*ws) -> bool:
+    return all(isinstance(w, jax.Array) for w in ws)
+
+
+@jax.jit
+def _out_major_mlp(m: Mlp) -> OutMajorMlp:
+    return OutMajorMlp(w13=jnp.stack([m.w1.T, m.w3.T]), w2t=m.w2.T)
+
+
+@jax.jit
+def _out_major_experts(we1, we3, we2, i) -> OutMajorMlp:
+    """Layer i of the [L, E, ...] expert stacks as [E, 2, F, D] (gate, up) and [E, D, F]; one layer at a time, so
+    the transposed copy never holds more than one layer's experts."""
+    a, b, c = (jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for w in (we1, we3, we2))
+    return OutMajorMlp(w13=jnp.stack([a, b], 1).swapaxes(-1, -2), w2t=c.swapaxes(-1, -2))
+
+
+def _mlp(m):
+    return _out_major_mlp(m) if _plain(m.w1, m.w3, m.w2) else m
+
+
 def _unstack(stack: Layer | None) -> tuple[Layer, ...] | None:
     if stack is None:
         return None
     n = stack.attn_norm.shape[0]
     experts = None
     if isinstance(stack.ffn, Moe):  # experts [L, E, ...] straight to L x E buffers
-        e = jax.tree.leaves(stack.ffn.we1)[0].shape[1]
-        experts = [_split(w, (n, e)) for w in (stack.ffn.we1, stack.ffn.we3, stack.ffn.we2)]
-        stack = stack.replace(ffn=stack.ffn.replace(we1=None, we3=None, we2=None))
+        f = stack.ffn
+        e = jax.tree.leaves(f.we1)[0].shape[1]
+        if _plain(f.we1, f.we3, f.we2):
+            experts = [(tuple(_split(_out_major_experts(f.we1, f.we3, f.we2, i), (e,))), None, None)
+                       for i in range(n)]
+        else:
+            split = [_split(w, (n, e)) for w in (f.we1, f.we3, f.we2)]
+            experts = [tuple(tuple(w[i * e:(i + 1) * e]) for w in split) for i in range(n)]
+        stack = stack.replace(ffn=f.replace(we1=None, we3=None, we2=None))
     out = []
     for i, layer in enumerate(_split(stack, (n,))):
         if experts is not None:
-            we1, we3, we2 = (tuple(w[i * e:(i + 1) * e]) for w in experts)
-            layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2))
+            we1, we3, we2 = experts[i]
+            layer = layer.replace(ffn=layer.ffn.replace(we1=we1, we3=we3, we2=we2, shared=_mlp(layer.ffn.shared)))
+        else:
+            layer = layer.replace(ffn=_mlp(layer.ffn))
         out.append(layer)
     return tuple(out)
 
@@ -60,8 +94,12 @@ def is_unstacked(params: Params) -> bool:
 
 def unstack_layers(params: Params) -> Params:
     """The same weights (plain or quantized) with dense_layers / moe_layers as tuples of per-layer `Layer`s, whose
-    MoE experts are tuples of per-expert matrices. Quantize first, then unstack. Accepted by prefill, decode_step
-    and generate with the xla backend, on one device or tensor-parallel (sharding/tp.py)."""
+    MoE experts are tuples of per-expert matrices. Plain (unquantized) SwiGLU weights, routed, shared and dense,
+    become `OutMajorMlp`s (p.we1 a tuple of them, we3 = we2 = None) and a plain LM head a `Transposed` [V, D].
+    Quantize first, then unstack. Accepted by prefill, decode_step and generate with the xla backend, on one
+    device or tensor-parallel (sharding/tp.py)."""
     if is_unstacked(params):
         return params
-    return params.replace(dense_layers=_unstack(params.dense_layers), moe_layers=_unstack(params.moe_layers))
+    head = params.lm_head
+    return params.replace(dense_layers=_unstack(params.dense_layers), moe_layers=_unstack(params.moe_layers),
+                          lm_head=Transposed(jax.jit(jnp.transpose)(head)) if _plain(head) else head)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import Config
-from model.layers import F32, swiglu
+from model.layers import F32, swiglu, swiglu_out_major
 from model.params import Moe
 from quant.qarray import activation, map_leading, quantizes_activation, weight
 
@@ -112,19 +112,23 @@ def experts_single(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=Non
 
 
 def experts_switch(p: Moe, x: jax.Array, w: jax.Array, idx: jax.Array, layer=None) -> jax.Array:
-    """Experts held as separate buffers (p.we1/we3/we2: tuples with one matrix per expert, see model/layout.py):
-    each (token, expert) pair runs in the branch of a `lax.switch` that reads that expert's own buffers, so no
-    slice of a stack is copied before the dots. Reads each selected expert once per pair. x: [T, D] -> [T, D] f32.
+    """Experts held as separate buffers (model/layout.py): p.we1/we3/we2 as tuples with one matrix per expert, or,
+    for plain weights, p.we1 as a tuple of one OutMajorMlp per expert and we3 = we2 = None. Each (token, expert)
+    pair runs in the branch of a `lax.switch` that reads that expert's own buffers, so no slice of a stack is
+    copied before the dots. Reads each selected expert once per pair. x: [T, D] -> [T, D] f32.
     Activations quantized without a calibrated input scale get their per-tensor scale from each token alone (the
     grouped path: from each row tile), so with several tokens the two differ by that rounding.
     """
     if layer is not None:
         raise ValueError("experts_switch takes one layer's experts (unstacked), not a layer index into stacks")
     t, k = idx.shape
-    experts = tuple(zip(p.we1, p.we3, p.we2))
+    out_major = p.we3 is None  # plain experts: p.we1 holds one OutMajorMlp per expert
+    experts = p.we1 if out_major else tuple(zip(p.we1, p.we3, p.we2))
 
     def branch(e):
         def run(experts, row):  # row: [1, D]
+            if out_major:
+                return swiglu_out_major(experts[e], row)
             a, b, c = experts[e]
             ra = activation(row, a)  # gate and up share one input scale
             gate = jnp.dot(ra, weight(a, row.dtype), preferred_element_type=F32)

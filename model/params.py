@@ -87,11 +87,28 @@ class Moe:
 
 
 @struct.dataclass
+class OutMajorMlp:
+    """A plain SwiGLU MLP as the unstacked layout stores it (model/layout.py), output axis first so that a one-row
+    product runs as W @ x with the weight as the left operand: gate and up as one [2, F, D] matrix (gate first),
+    the down projection as [D, F]. Same function as `Mlp(w1=w13[0].T, w3=w13[1].T, w2=w2t.T)`."""
+
+    w13: Array  # [2, F, D]
+    w2t: Array  # [D, F]
+
+
+@struct.dataclass
+class Transposed:
+    """A plain [in, out] weight stored as its transpose t [out, in] (the unstacked layout's LM head)."""
+
+    t: Array
+
+
+@struct.dataclass
 class Layer:
     attn_norm: Array  # [D]
     attn: Attention
     ffn_norm: Array  # [D]
-    ffn: Mlp | Moe
+    ffn: Mlp | Moe | OutMajorMlp
 
 
 @struct.dataclass

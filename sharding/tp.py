@@ -26,7 +26,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from model.config import Config
-from model.params import Moe, Params
+from model.params import Moe, OutMajorMlp, Params, Transposed
 from sharding.mesh import mesh_sizes
 from sharding.rules import ShardingRules, check_divisible, param_specs, place_by_specs
 
@@ -75,9 +75,17 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
         for layer in stack:
             s = jax.tree.map(drop(1), stack_spec, is_leaf=_is_spec)
             if isinstance(layer.ffn, Moe):
-                s = s.replace(ffn=s.ffn.replace(**{k: tuple(drop(2)(getattr(stack_spec.ffn, k)) for _ in
-                                                            getattr(layer.ffn, k))
-                                                   for k in ("we1", "we3", "we2")}))
+                f = stack_spec.ffn
+                if layer.ffn.we3 is None:  # one OutMajorMlp per expert
+                    one = _out_major_specs(drop(2)(f.we1), drop(2)(f.we2))
+                    s = s.replace(ffn=s.ffn.replace(we1=tuple(one for _ in layer.ffn.we1), we3=None, we2=None))
+                else:
+                    s = s.replace(ffn=s.ffn.replace(**{k: tuple(drop(2)(getattr(f, k)) for _ in getattr(layer.ffn, k))
+                                                       for k in ("we1", "we3", "we2")}))
+                if isinstance(layer.ffn.shared, OutMajorMlp):
+                    s = s.replace(ffn=s.ffn.replace(shared=_out_major_specs(s.ffn.shared.w1, s.ffn.shared.w2)))
+            elif isinstance(layer.ffn, OutMajorMlp):
+                s = s.replace(ffn=_out_major_specs(s.ffn.w1, s.ffn.w2))
             if mesh is not None:
                 s = s.replace(attn=s.attn.replace(**_down_projection_specs(layer.attn, mesh)))
             out.append(s)
@@ -86,9 +94,22 @@ def unstacked_specs(params: Params, cfg: Config, rules: ShardingRules = Sharding
     def replicated(tree):
         return jax.tree.map(lambda s: P(), tree, is_leaf=_is_spec)
 
+    head = specs.lm_head
+    if isinstance(params.lm_head, Transposed):
+        head = Transposed(P(*reversed(_full(head, 2))))
     return specs.replace(embed=P(), mtp=None if specs.mtp is None else replicated(specs.mtp),
                          dense_layers=layers(specs.dense_layers, params.dense_layers),
-                         moe_layers=layers(specs.moe_layers, params.moe_layers))
+                         moe_layers=layers(specs.moe_layers, params.moe_layers), lm_head=head)
+
+
+def _full(spec: P, ndim: int) -> tuple:
+    return (*spec, *(None,) * (ndim - len(spec)))
+
+
+def _out_major_specs(w1: P, w2: P) -> OutMajorMlp:
+    """Specs of an OutMajorMlp from those of the Mlp it holds: w1 [D, F] -> w13 [2, F, D], w2 [F, D] -> w2t [D, F]."""
+    d, f = _full(w1, 2)
+    return OutMajorMlp(w13=P(None, f, d), w2t=P(*reversed(_full(w2, 2))))
 
 
 # A split down-projection costs one all-gather per layer: on this project's 2-core CPU machine tens of

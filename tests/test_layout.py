@@ -10,6 +10,7 @@ from model import TINY, generate, init_cache, prefill
 from model.cache import to_per_layer, to_stacked
 from model.layout import is_unstacked, unstack_layers
 from model.moe import experts_dense_reference, experts_switch, route
+from model.params import OutMajorMlp
 from quant import quantize_params
 from quant.calibrate import calibrate
 from tests.helpers import random_params, teacher_forced_logits
@@ -68,9 +69,35 @@ def test_unstacked_with_experts_out_of_order_differs(batch):
     flat = unstack_layers(random_params(CFG, seed=3))
     f = flat.moe_layers[0].ffn
     swap = lambda t: (t[1], t[0], *t[2:])  # noqa: E731
-    wrong = flat.replace(moe_layers=(flat.moe_layers[0].replace(ffn=f.replace(
-        we1=swap(f.we1), we3=swap(f.we3), we2=swap(f.we2))), *flat.moe_layers[1:]))
+    wrong = flat.replace(moe_layers=(flat.moe_layers[0].replace(ffn=f.replace(we1=swap(f.we1))),
+                                     *flat.moe_layers[1:]))
     assert np.abs(_run(wrong, *batch) - _run(flat, *batch)).max() > 1e-3
+
+
+def test_plain_weights_stored_output_major(batch):
+    """Plain SwiGLU weights (routed, shared, dense) become OutMajorMlp [2, F, D] / [D, F] holding exactly the
+    stacked weights, and the LM head [V, D]; quantized ones keep their own layout. Gate and up swapped inside
+    w13, or the head read as if stored [D, V] (a square slice of it), change the logits."""
+    params = random_params(CFG, seed=3)
+    flat = unstack_layers(params)
+    f, stack = flat.moe_layers[1].ffn, params.moe_layers.ffn
+    assert f.we3 is None and f.we2 is None and all(isinstance(m, OutMajorMlp) for m in f.we1)
+    np.testing.assert_array_equal(np.asarray(f.we1[5].w13[0]), np.asarray(stack.we1[1, 5]).T)
+    np.testing.assert_array_equal(np.asarray(f.we1[5].w13[1]), np.asarray(stack.we3[1, 5]).T)
+    np.testing.assert_array_equal(np.asarray(f.we1[5].w2t), np.asarray(stack.we2[1, 5]).T)
+    np.testing.assert_array_equal(np.asarray(f.shared.w13[1]), np.asarray(stack.shared.w3[1]).T)
+    dense = flat.dense_layers[0].ffn
+    assert isinstance(dense, OutMajorMlp) and dense.w13.shape == (2, CFG.intermediate_size, CFG.hidden_size)
+    np.testing.assert_array_equal(np.asarray(flat.lm_head.t), np.asarray(params.lm_head).T)
+    q = unstack_layers(quantize_params(params, "nvfp4_w4a16"))
+    assert isinstance(q.moe_layers[0].ffn.we3, tuple) and not isinstance(q.dense_layers[0].ffn, OutMajorMlp)
+
+    want = _run(flat, *batch)
+    swapped = f.replace(we1=tuple(m.replace(w13=m.w13[::-1]) for m in f.we1))
+    wrong = flat.replace(moe_layers=(flat.moe_layers[0], flat.moe_layers[1].replace(ffn=swapped)))
+    assert np.abs(_run(wrong, *batch) - want).max() > 1e-3
+    dense_swapped = flat.replace(dense_layers=(flat.dense_layers[0].replace(ffn=dense.replace(w13=dense.w13[::-1])),))
+    assert np.abs(_run(dense_swapped, *batch) - want).max() > 1e-3
 
 
 def test_switch_experts_equal_dense_reference():

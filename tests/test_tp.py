@@ -12,7 +12,7 @@ from model import TINY, generate, init_cache, prefill
 from model.config import get_preset
 from model.forward import decode_fn
 from model.layout import unstack_layers
-from model.params import init
+from model.params import OutMajorMlp, Transposed, init
 from quant import quantize_params
 from quant.calibrate import calibrate
 from sharding import tp
@@ -98,9 +98,13 @@ def test_specs_split_heads_widths_and_vocabulary():
     s = unstacked_specs(flat, CFG)
     layer = s.moe_layers[0]
     assert layer.attn.wo == P("tensor", None, None) and layer.attn.wkv_a == P(None, None)
-    assert layer.ffn.we1[0] == P(None, "tensor") and layer.ffn.we2[-1] == P("tensor", None)
-    assert layer.ffn.shared.w2 == P("tensor", None) and s.dense_layers[0].ffn.w1 == P(None, "tensor")
-    assert s.lm_head == P(None, ("expert", "tensor")) and s.embed == P()
+    # plain SwiGLU weights are stored output-major (OutMajorMlp: w13 [2, F, D], w2t [D, F]), the head [V, D]
+    width = OutMajorMlp(w13=P(None, "tensor", None), w2t=P(None, "tensor"))
+    assert layer.ffn.we1[0] == width and layer.ffn.we1[-1] == width and layer.ffn.we3 is None
+    assert layer.ffn.shared == width and s.dense_layers[0].ffn == width
+    assert s.lm_head == Transposed(P(("expert", "tensor"), None)) and s.embed == P()
+    q = unstacked_specs(unstack_layers(quantize_params(params, "nvfp4_w4a16")), CFG).moe_layers[0].ffn
+    assert q.we1[0] == P(None, "tensor") and q.we2[-1] == P("tensor", None)
     assert s.moe_layers[0].ffn.w_router == P(None, None)  # every device routes the whole x alike
     # with the mesh: the down-projections by columns where the slices are whole
     for n in (2, 4):
