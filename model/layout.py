@@ -11,8 +11,8 @@ every dot reads its weights in place. The latent cache goes with it as one buffe
 a one-token step, the SwiGLU MLPs (routed experts, shared expert, dense layers) and the LM head, are stored
 output axis first (`OutMajorMlp`, with gate and up as one [2, F, D] matrix; `Transposed`), so that XLA:CPU runs
 each as W @ x with the weight as the left operand, which reads them faster than x @ W (docs/benchmarks.md,
-"Output-major weights"); quantized weights keep their own layout. The price: compile time grows with layers x experts,
-no training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. The only
+"Output-major weights"); quantized weights keep their own layout. The price: compile time grows with layers x
+experts, no training, and the stacked copy should be dropped by the caller to avoid holding the weights twice. The only
 sharding is tensor parallelism (sharding/tp.py: `shard_unstacked`, then pass a `tensor=N` mesh), which on a CPU
 with one device per core lets the cores read their slices of every weight at once. On a GPU the stacked layout is
 the one to use: the Pallas grouped matmul (pallas_kernels/) reads the selected experts in place.
@@ -51,11 +51,11 @@ def _out_major_mlp(m: Mlp) -> OutMajorMlp:
 
 
 @jax.jit
-def _out_major_experts(we1, we3, we2, i) -> OutMajorMlp:
-    """Layer i of the [L, E, ...] expert stacks as [E, 2, F, D] (gate, up) and [E, D, F]; one layer at a time, so
-    the transposed copy never holds more than one layer's experts."""
-    a, b, c = (jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for w in (we1, we3, we2))
-    return OutMajorMlp(w13=jnp.stack([a, b], 1).swapaxes(-1, -2), w2t=c.swapaxes(-1, -2))
+def _out_major_expert(we1, we3, we2, i, e) -> OutMajorMlp:
+    """Expert e of layer i of the [L, E, ...] stacks as new [2, F, D] (gate, up) and [D, F] buffers, read straight
+    out of the stacks (no intermediate copy of a layer's experts)."""
+    a, b, c = (w[i, e] for w in (we1, we3, we2))
+    return OutMajorMlp(w13=jnp.stack([a.T, b.T]), w2t=c.T)
 
 
 def _mlp(m):
@@ -71,7 +71,7 @@ def _unstack(stack: Layer | None) -> tuple[Layer, ...] | None:
         f = stack.ffn
         e = jax.tree.leaves(f.we1)[0].shape[1]
         if _plain(f.we1, f.we3, f.we2):
-            experts = [(tuple(_split(_out_major_experts(f.we1, f.we3, f.we2, i), (e,))), None, None)
+            experts = [(tuple(_out_major_expert(f.we1, f.we3, f.we2, i, j) for j in range(e)), None, None)
                        for i in range(n)]
         else:
             split = [_split(w, (n, e)) for w in (f.we1, f.we3, f.we2)]

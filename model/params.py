@@ -4,7 +4,8 @@
 sharding rules and the checkpoint loaders all derive from it. Layers are stacked on a leading `layers` axis: the
 dense-first layers form one stack, the MoE layers another, and each stack runs under `jax.lax.scan`.
 
-Layouts (letters from `model/__init__.py`): linear weights are stored [in, out] so einsums read left to right;
+Layouts (letters from `model/__init__.py`): linear weights are stored [in, out] so einsums read left to right
+(the unstacked CPU layout, model/layout.py, stores plain MLPs and the LM head output-major instead);
 `wk_b` [N, H, C] / `wv_b` [N, C, V] are DeepSeek's `wkv_b` split per head into its key and value halves, heads
 leading, which is what the absorbed decode form needs without a per-step slice or transpose.
 """
