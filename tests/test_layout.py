@@ -10,7 +10,7 @@ from model import TINY, generate, init_cache, prefill
 from model.cache import to_per_layer, to_stacked
 from model.layout import is_unstacked, unstack_layers
 from model.moe import experts_dense_reference, experts_switch, route
-from model.params import OutMajorMlp
+from model.params import OutMajorMlp, Transposed
 from quant import quantize_params
 from quant.calibrate import calibrate
 from tests.helpers import random_params, teacher_forced_logits
@@ -77,7 +77,7 @@ def test_unstacked_with_experts_out_of_order_differs(batch):
 def test_plain_weights_stored_output_major(batch):
     """Plain SwiGLU weights (routed, shared, dense) become OutMajorMlp [2, F, D] / [D, F] holding exactly the
     stacked weights, and the LM head [V, D]; quantized ones keep their own layout. Gate and up swapped inside
-    w13, or the head read as if stored [D, V] (a square slice of it), change the logits."""
+    w13, or the head's [D, V] buffer taken as [V, D] without the transpose, change the logits."""
     params = random_params(CFG, seed=3)
     flat = unstack_layers(params)
     f, stack = flat.moe_layers[1].ffn, params.moe_layers.ffn
@@ -98,6 +98,8 @@ def test_plain_weights_stored_output_major(batch):
     assert np.abs(_run(wrong, *batch) - want).max() > 1e-3
     dense_swapped = flat.replace(dense_layers=(flat.dense_layers[0].replace(ffn=dense.replace(w13=dense.w13[::-1])),))
     assert np.abs(_run(dense_swapped, *batch) - want).max() > 1e-3
+    untransposed = flat.replace(lm_head=Transposed(params.lm_head.reshape(flat.lm_head.t.shape)))
+    assert np.abs(_run(untransposed, *batch) - want).max() > 1e-3
 
 
 def test_switch_experts_equal_dense_reference():
