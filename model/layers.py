@@ -50,10 +50,9 @@ def swiglu_out_major(p: OutMajorMlp, x: jax.Array) -> jax.Array:
 
 def swiglu(p: Mlp | OutMajorMlp, x: jax.Array) -> jax.Array:
     """W2 (silu(W1 x) * W3 x). Args: x: [..., D]. Returns [..., D]."""
-    if isinstance(p, OutMajorMlp):
-        with jax.named_scope("swiglu"):
-            return swiglu_out_major(p, x).astype(x.dtype)
     with jax.named_scope("swiglu"):
+        if isinstance(p, OutMajorMlp):
+            return swiglu_out_major(p, x).astype(x.dtype)
         xa = activation(x, p.w1)  # gate and up share one input scale
         gate = jnp.einsum("...D,DF->...F", xa, weight(p.w1, x.dtype), preferred_element_type=F32)
         up = jnp.einsum("...D,DF->...F", xa, weight(p.w3, x.dtype), preferred_element_type=F32)
