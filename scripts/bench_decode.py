@@ -10,6 +10,11 @@ core by default ('decode/tp', sharding/tp.py) (decode loop on the device, prompt
 tokens/s at 128 and 512 prompt tokens, the bytes of weights one decode step must read (attention, dense MLP,
 router, shared expert and the *distinct* selected experts, LM head) and the achieved bytes/s against this
 machine's matrix-vector read bandwidth, measured in the same run. Medians over --repeats runs after a warm-up.
+
+By default the run holds Linux's wake-up latency request at 0 us (/dev/cpu_dma_latency, model.bench.idle_polling),
+so idle cores poll instead of halting while it runs: on a virtual machine a halted core takes tens of
+microseconds to wake, which every collective of the tensor-parallel step pays. The request ends with the run.
+`--idle default` leaves the machine's setting; the header says which one the run had.
 """
 
 import argparse
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, try_hf  # noqa: E402
+from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf  # noqa: E402
 from model.config import get_preset  # noqa: E402
 from sharding.tp import use_host_devices  # noqa: E402
 
@@ -44,17 +49,29 @@ def main():
                          "over --tp host devices, sharding/tp.py; rows 'decode/tp')")
     ap.add_argument("--tp", type=int, default=os.cpu_count() or 1,
                     help="host devices for the tp layout (default: one per core)")
+    ap.add_argument("--idle", choices=("poll", "default"), default="poll",
+                    help="poll: hold the wake-up latency request at 0 us for the run, so idle cores poll instead "
+                         "of halting (needs write access to /dev/cpu_dma_latency, else the run says so and goes "
+                         "on with the default); default: leave the machine's setting")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if "tp" in args.layouts and args.tp > 1:
         use_host_devices(args.tp)
+    if args.idle == "poll":
+        with idle_polling() as idle:
+            run(args, idle.detail)
+    else:
+        run(args, "default (--idle default)")
 
+
+def run(args, idle: str):
     meter = MatvecBandwidth()
     bw0 = meter.sample(10)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
           f"matrix-vector read bandwidth {bw0 / 1e9:.2f} GB/s at the start (f32 256 MiB matrix, median of 10); "
-          f"each decode row is compared with the median of samples taken between its own timed runs")
+          f"each decode row is compared with the median of samples taken between its own timed runs; "
+          f"idle cores: {idle}")
     rows = []
     for name in args.presets:
         cfg = get_preset(name)
@@ -86,7 +103,7 @@ def main():
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": platform.machine(), "cores": os.cpu_count(),
-                                               "jax": jax.__version__, "matvec_bw_start": bw0,
+                                               "jax": jax.__version__, "idle": idle, "matvec_bw_start": bw0,
                                                "matvec_bw_samples": meter.samples, "rows": rows,
                                                "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
 

@@ -101,3 +101,34 @@ def test_chains_compute_the_products_they_time():
                     v = v + 0.05 * y[:1]
             assert np.isfinite(v).all(), name
             np.testing.assert_allclose(got[dev], v, rtol=1e-4, atol=1e-4 * np.abs(v).max(), err_msg=name)
+
+
+def _open_fds_to(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if fd.exists() and fd.resolve() == path.resolve())
+
+
+def test_idle_polling_holds_a_zero_request_only_inside_the_block(tmp_path):
+    """The request is the 32-bit integer 0 written to the file, which stays open (the kernel keeps the request
+    only while it is open) for the block and is closed after it, also when the block raises."""
+    from model.bench import idle_polling
+    qos = tmp_path / "cpu_dma_latency"
+    qos.write_bytes(b"\xff" * 4)
+    with idle_polling(str(qos)) as idle:
+        assert idle.held and str(qos) in idle.detail
+        assert _open_fds_to(qos) == 1
+    assert qos.read_bytes() == np.int32(0).tobytes()
+    assert _open_fds_to(qos) == 0
+    with pytest.raises(RuntimeError):
+        with idle_polling(str(qos)):
+            raise RuntimeError("the body's error goes through")
+    assert _open_fds_to(qos) == 0
+
+
+def test_idle_polling_without_access_changes_nothing_and_says_why(tmp_path):
+    from model.bench import idle_polling
+    missing = tmp_path / "no" / "cpu_dma_latency"
+    with idle_polling(str(missing)) as idle:
+        assert not idle.held
+        assert idle.detail.startswith("default") and str(missing) in idle.detail
+    assert not missing.exists()
