@@ -78,10 +78,9 @@ def idle_polling(path: str = CPU_DMA_LATENCY):
     microseconds to wake (a psum between two devices: about 50 us against 14 us polling, on this project's
     machine), and the step has 25 of them. Latency tools make the same request (`cyclictest` asks for 0 us by
     default, `tuned`'s latency-performance profile for 1-3 us; this machine's only idle state but polling exits in
-    1 us, so only 0 keeps its cores polling). It lasts only while the
-    file is open: the kernel drops the request when it closes, also when the process dies, so nothing of the
-    machine's setting outlives the run. Without write access to `path` (not root, no such device) it changes
-    nothing and says why."""
+    1 us, so only 0 keeps its cores polling). It lasts only while the file is open: the kernel drops the request
+    when it closes, also when the process dies, so nothing of the machine's setting outlives the run. Without
+    write access to `path` (not root, no such device) it changes nothing and says why."""
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as e:
