@@ -119,9 +119,8 @@ def test_idle_polling_holds_a_zero_request_only_inside_the_block(tmp_path):
         assert _open_fds_to(qos) == 1
     assert qos.read_bytes() == np.int32(0).tobytes()
     assert _open_fds_to(qos) == 0
-    with pytest.raises(RuntimeError):
-        with idle_polling(str(qos)):
-            raise RuntimeError("the body's error goes through")
+    with pytest.raises(RuntimeError), idle_polling(str(qos)):
+        raise RuntimeError("the body's error goes through")
     assert _open_fds_to(qos) == 0
 
 
