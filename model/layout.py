@@ -54,8 +54,7 @@ def _out_major_mlp(m: Mlp) -> OutMajorMlp:
 def _out_major_expert(we1, we3, we2, i, e) -> OutMajorMlp:
     """Expert e of layer i of the [L, E, ...] stacks as new [2, F, D] (gate, up) and [D, F] buffers, read straight
     out of the stacks (no intermediate copy of a layer's experts)."""
-    a, b, c = (w[i, e] for w in (we1, we3, we2))
-    return OutMajorMlp(w13=jnp.stack([a.T, b.T]), w2t=c.T)
+    return _out_major_mlp(Mlp(w1=we1[i, e], w3=we3[i, e], w2=we2[i, e]))
 
 
 def _mlp(m):
