@@ -21,16 +21,11 @@ Dimension letters, used in einsum strings and shape comments throughout:
 | L      | layers                                    | 61         |
 """
 
-# configuration
-from model.config import PRESETS, R1_671B, SMALL, TINY, Config, RopeScaling, get_preset
-
-# parameters
-from model.params import Params, abstract_params, init, param_counts, param_infos
-
-# cache and entry points
-from model.cache import Cache, init_cache, to_per_layer, to_stacked
-from model.forward import decode_step, prefill
+from model.cache import Cache, init_cache, to_per_layer, to_stacked  # the latent cache
+from model.config import PRESETS, R1_671B, SMALL, TINY, Config, RopeScaling, get_preset  # configuration
+from model.forward import decode_step, prefill  # entry points
 from model.generate import GenerateOutput, generate
+from model.params import Params, abstract_params, init, param_counts, param_infos  # parameters
 from model.sampling import SamplingParams
 
 __all__ = [

@@ -156,13 +156,15 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
     for t in args.prefill_lengths:  # first: the unstacked copy below doubles the weights in memory
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
         cache = init_cache(cfg, 1, t)
-        run = lambda: jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
+        def run(cache=cache, toks=toks, t=t):
+            return jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
         out[("prefill", t)] = t / median_time(run, args.repeats)
     prompt = 32
     flat = unstack_layers(params) if {"unstacked", "tp"} & set(layouts) else None
     mesh = sharded = None
     if "tp" in layouts:
         from jax.sharding import NamedSharding, PartitionSpec
+
         from sharding.tp import shard_unstacked
         mesh, why = tp_mesh(cfg, tp)
         if mesh is None:
@@ -186,8 +188,8 @@ def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBand
                 c = to_per_layer(cache)
             if layout == "tp":  # the latent cache is replicated over the tensor axis
                 c = jax.device_put(c, NamedSharding(mesh, PartitionSpec()))
-            run = lambda p=p, m=m, c=c: jax.block_until_ready(
-                _decode_loop(p, c, first, cfg=cfg, steps=args.decode_steps, mesh=m))
+            def run(p=p, m=m, c=c, first=first):
+                return jax.block_until_ready(_decode_loop(p, c, first, cfg=cfg, steps=args.decode_steps, mesh=m))
             n0 = len(bandwidth.samples) if bandwidth is not None else 0
             out[("decode" + suffix, b)] = b * args.decode_steps / median_time(
                 run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
@@ -230,14 +232,16 @@ class HFModel:
         with torch.inference_mode():
             for b in args.batches:
                 ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(b, prompt)))
-                gen = lambda n: self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                    pad_token_id=0, eos_token_id=None)
-                t_full = median_time(lambda: gen(args.decode_steps + 1), args.repeats)
-                t_first = median_time(lambda: gen(1), args.repeats)
+                def gen(n, ids=ids):
+                    return self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                               pad_token_id=0, eos_token_id=None)
+                t_full = median_time(lambda gen=gen: gen(args.decode_steps + 1), args.repeats)
+                t_first = median_time(lambda gen=gen: gen(1), args.repeats)
                 out[("decode", b)] = b * args.decode_steps / max(t_full - t_first, 1e-9)
             for t in args.prefill_lengths:
                 ids = torch.tensor(rng.integers(2, self.cfg.vocab_size, size=(1, t)))
-                out[("prefill", t)] = t / median_time(lambda: self.model(ids, logits_to_keep=1), args.repeats)
+                out[("prefill", t)] = t / median_time(lambda ids=ids: self.model(ids, logits_to_keep=1),
+                                                      args.repeats)
         return out
 
 

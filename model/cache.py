@@ -23,6 +23,8 @@ class Cache:
     k_pe: jax.Array | tuple[jax.Array, ...]  # [L, B, S, R], or per layer: L x [B, S, R]
     lengths: jax.Array  # [B] int32
     kv_scale: jax.Array | None = None  # [L, 2] float32 (c_kv, k_pe) when the cache is FP8 E4M3, else None
+    # An FP8 cache holds its codes two per 16-bit word (quant.formats.pack_bytes): c_kv [..., C/2] and k_pe
+    # [..., R/2] uint16, so the decode kernel indexes it without wrapping offsets (pallas_kernels/common.py).
 
     @property
     def fp8(self) -> bool:
@@ -58,9 +60,16 @@ def to_stacked(cache: Cache) -> Cache:
 
 def cache_shapes(cfg: Config, batch: int, max_len: int, dtype=None, *, fp8: bool = False,
                  per_layer: bool = False) -> Cache:
-    dtype = jnp.float8_e4m3fn if fp8 else (dtype or cfg.param_dtype)
     n = cfg.num_hidden_layers
-    c, r = (batch, max_len, cfg.kv_lora_rank), (batch, max_len, cfg.qk_rope_head_dim)
+    if fp8:
+        if cfg.kv_lora_rank % 2:
+            raise ValueError(f"an FP8 cache packs two codes per 16-bit word: kv_lora_rank={cfg.kv_lora_rank} "
+                             f"must be even")
+        dtype, per_word = jnp.uint16, 2
+    else:
+        dtype, per_word = dtype or cfg.param_dtype, 1
+    c = (batch, max_len, cfg.kv_lora_rank // per_word)
+    r = (batch, max_len, cfg.qk_rope_head_dim // per_word)
     if per_layer:
         c_kv, k_pe = ((jax.ShapeDtypeStruct(shape, dtype),) * n for shape in (c, r))
     else:
@@ -94,18 +103,20 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, kv_scale=No
 
 
 def kv_store(x: jax.Array, scale) -> jax.Array:
-    """Values to write into an FP8 cache: x / scale rounded to E4M3 (saturating); plain caches take x as is."""
+    """Values to write into an FP8 cache: x / scale rounded to E4M3 (saturating), two codes per 16-bit word; plain
+    caches take x as is."""
     if scale is None:
         return x
-    from quant.formats import div, e4m3
-    return e4m3(div(x, scale))
+    from quant.formats import div, e4m3, pack_bytes
+    return pack_bytes(e4m3(div(x, scale)))
 
 
 def kv_load(c: jax.Array, scale, dtype) -> jax.Array:
     """Cache contents as values of `dtype`."""
     if scale is None:
         return c.astype(dtype)
-    return (c.astype(jnp.float32) * scale).astype(dtype)
+    from quant.formats import unpack_bytes
+    return (unpack_bytes(c).astype(jnp.float32) * scale).astype(dtype)
 
 
 def cache_bytes_per_token(cfg: Config, dtype=None) -> int:

@@ -6,8 +6,8 @@ Each sequence stops on its own at a stop token or after max_new_tokens; the loop
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +123,8 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
         if kv_scale.shape != (cfg.num_hidden_layers, 2):
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
     out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
-                                jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling, max_new_tokens=max_new_tokens,
-                                max_len=max_len, mesh=mesh, backend=backend)
+                                jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
+                                max_new_tokens=max_new_tokens, max_len=max_len, mesh=mesh, backend=backend)
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)

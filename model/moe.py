@@ -225,9 +225,9 @@ def moe(p: Moe, x: jax.Array, cfg: Config, *, impl: str = "auto", layer=None, me
     """Routed experts + shared expert. x: [B, T, D] -> [B, T, D].
 
     impl: "grouped" (sort + grouped matmul, reads each used expert once per row tile), "gather" (gathers the T*X
-    selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/), "single" (one
-    token: see experts_single; measured slower end to end on CPU than grouped), or "auto" = grouped, which measured faster than gather even
-    for a single token on CPU (see docs/benchmarks.md).
+    selected experts' weights), "dense" (reference), "pallas" (the grouped-matmul kernel of pallas_kernels/),
+    "single" (one token: see experts_single; measured slower end to end on CPU than grouped), or "auto" = grouped,
+    which measured faster than gather even for a single token on CPU (see docs/benchmarks.md).
     layer: when given, p.we1/we3/we2 are the whole [L, E, ...] stacks and this is the layer's index.
     mesh: with an expert or tensor axis larger than 1, the routed experts run expert-parallel (sharding/ep.py).
     """

@@ -8,7 +8,8 @@ chat_prompt(user_text) -> list[int] (the R1 generation prompt), describe() -> di
 from __future__ import annotations
 
 import codecs
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Tokenizer(Protocol):

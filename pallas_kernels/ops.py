@@ -1,6 +1,7 @@
 """The model's Pallas backend: the kernels behind the same interfaces as the XLA paths of model/mla.py and
-model/moe.py, with the layout work (padding heads and the rope dim to the kernels' 16-wide tiles, choosing tiles
-that divide the model's sizes). Kernels run compiled on a GPU and in interpret mode elsewhere.
+model/moe.py, with the layout work (heads and the rope dim padded to the kernels' 16-wide tiles, the prompt padded
+to a multiple of 16). Tile sizes follow each kernel's `BlockSizes.get_default`. Kernels run compiled on a GPU and
+in interpret mode elsewhere.
 """
 
 from __future__ import annotations
@@ -16,42 +17,26 @@ from quant.qarray import is_qarray, map_leading, quantize_activation, quantizes_
 F32 = jnp.float32
 
 
-def interpret() -> bool:
-    return jax.default_backend() != "gpu"
-
-
-def _tile(n: int, cap: int = 64, what: str = "dimension") -> int:
-    """The largest power of two in [16, cap] dividing n."""
-    t = cap
-    while t >= 16:
-        if n % t == 0:
-            return t
-        t //= 2
-    raise ValueError(f"the pallas backend needs the {what} ({n}) to be a multiple of 16")
-
-
-def _pad_last(x, to: int):
-    return x if x.shape[-1] >= to else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, to - x.shape[-1])])
+def _pad_axis(x, axis: int, to: int):
+    if x.shape[axis] >= to:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, widths)
 
 
 def decode_attention(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale: float, kv_scale=None):
-    """q_lat [B, N, C], q_pe [B, N, R]; cache [B, S, C] / [B, S, R]; lengths [B] = visible positions.
+    """q_lat [B, N, C], q_pe [B, N, R]; cache [B, S, C] / [B, S, R] (an FP8 cache: uint16 words [B, S, C/2] /
+    [B, S, R/2] with kv_scale [2]); lengths [B] = visible positions.
 
     Returns the attention-weighted latent [B, N, C] float32 (W_uv and W_o are applied by the caller)."""
     n = q_lat.shape[1]
-    s = cache_c.shape[1]
-    bt = _tile(s, 64, "cache length")
     n_pad = -(-n // 16) * 16  # heads in 16-row tiles (Triton's smallest dot)
-    q_lat = jnp.pad(q_lat, ((0, 0), (0, n_pad - n), (0, 0)))
-    q_pe = _pad_last(jnp.pad(q_pe, ((0, 0), (0, n_pad - n), (0, 0))), 16)
-    cache_r = _pad_last(cache_r, 16)  # only models with a rope dim under 16 (test configs) pay this copy
-    splits = 1
-    for cand in (8, 4, 2):
-        if (s // bt) % cand == 0 and s // bt >= 2 * cand:
-            splits = cand
-            break
-    out = mla_decode(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale=sm_scale, kv_scale=kv_scale, bh=16, bt=bt,
-                     splits=splits, interpret=interpret())
+    q_lat = _pad_axis(q_lat, 1, n_pad)
+    q_pe = _pad_axis(_pad_axis(q_pe, 1, n_pad), 2, 16)
+    # only models with a rope dim under 16 (test configs) pay this copy of the rope cache
+    cache_r = _pad_axis(cache_r, 2, 8 if kv_scale is not None else 16)
+    out = mla_decode(q_lat, q_pe, cache_c, cache_r, lengths, sm_scale=sm_scale, kv_scale=kv_scale)
     return out[:, :n]
 
 
@@ -59,14 +44,9 @@ def prefill_attention(q_nope, q_pe, k_nope, k_pe, v, sm_scale: float):
     """Causal attention over T tokens (right padding is harmless under the causal mask). [B, T, N, V]."""
     b, t = q_nope.shape[:2]
     t_pad = -(-t // 16) * 16
-    if t_pad != t:
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))
-        q_nope, q_pe, k_nope, k_pe, v = map(pad, (q_nope, q_pe, k_nope, k_pe, v))
-    q_pe, k_pe = _pad_last(q_pe, 16), _pad_last(k_pe, 16)
-    blk = _tile(t_pad, 64, "padded prompt length")
-    lengths = jnp.full((b,), t, jnp.int32)
-    out = mla_prefill(q_nope, q_pe, k_nope, k_pe, v, lengths, sm_scale=sm_scale, bq=blk, bk=blk,
-                      interpret=interpret())
+    q_nope, q_pe, k_nope, k_pe, v = (_pad_axis(a, 1, t_pad) for a in (q_nope, q_pe, k_nope, k_pe, v))
+    q_pe, k_pe = _pad_axis(q_pe, q_pe.ndim - 1, 16), _pad_axis(k_pe, k_pe.ndim - 1, 16)
+    out = mla_prefill(q_nope, q_pe, k_nope, k_pe, v, jnp.full((b,), t, jnp.int32), sm_scale=sm_scale)
     return out[:, :t]
 
 
@@ -89,15 +69,11 @@ def moe_experts(we1, we3, we2, x, w, idx, layer=None) -> jax.Array:
     token = order // k
     sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
     xs = x[token]  # [T*X, D]
-    d, m = we1.shape[-2], we1.shape[-1]
     if quantizes_activation(w1):  # per row, its expert's static input scale
         xs = quantize_activation(xs, w1.act, w1.input_scale[off + flat[order]], batch_ndim=1)
-    bm = 16 if t * k <= 256 else 64
-    h = grouped_matmul(xs, w1, sizes, w3, off, bm=bm, bn=_tile(m, 64, "expert width"),
-                       bk=_tile(d, 64, "hidden size"), interpret=interpret())
+    h = grouped_matmul(xs, w1, sizes, w3, off)
     if quantizes_activation(w2):
         h = quantize_activation(h, w2.act, w2.input_scale[off + flat[order]], batch_ndim=1)
-    y = grouped_matmul(h, w2, sizes, None, off, bm=bm, bn=_tile(d, 64, "hidden size"),
-                       bk=_tile(m, 64, "expert width"), interpret=interpret())
+    y = grouped_matmul(h, w2, sizes, None, off)
     y = y.astype(F32) * w.reshape(-1)[order][:, None]
     return jnp.zeros((t, x.shape[1]), F32).at[token].add(y)

@@ -100,7 +100,8 @@ def calibrate(params: Params, cfg: Config, sequences, *, margin: float = 2.0) ->
         if key[0] == "routed":  # experts no token reached: the layer's largest
             a = np.where(np.isnan(a), np.nanmax(np.where(np.isnan(a), -np.inf, a), axis=1, keepdims=True), a)
         amax[key] = np.nan_to_num(a, nan=0.0)
-    to_scale = (lambda a: jnp.asarray(F.nvfp4_tensor_scale(jnp.asarray(a * margin))))
+    def to_scale(a):
+        return jnp.asarray(F.nvfp4_tensor_scale(jnp.asarray(a * margin)))
     out = {"amax": {"/".join(k): v for k, v in amax.items()}}
     for group in ("dense_mlp", "shared", "routed"):
         if (group, "in") in amax:

@@ -4,8 +4,8 @@ arithmetic exact match, greedy-token agreement and mean KL to the BF16 model, an
 The BF16 row has every weight rounded to BF16; the quantized rows quantize those BF16 weights (as NVIDIA derives its
 FP4 checkpoint from the dequantized release). Activations are float32 in every row (XLA:CPU lacks batched BF16 dots
 with float32 accumulation), so the rows differ by the weight and activation formats alone; W4A4/W8A8 rows
-quantize the activations explicitly, as the low-precision matmul would. Agreement and KL are teacher-forced over the held-out text and
-held-out arithmetic: at each position, whether the argmax token equals BF16's, and KL(BF16 || row).
+quantize the activations explicitly, as the low-precision matmul would. Agreement and KL are teacher-forced over the
+held-out text and held-out arithmetic: at each position, whether the argmax token equals BF16's, and KL(BF16 || row).
 """
 
 from __future__ import annotations

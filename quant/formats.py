@@ -20,7 +20,13 @@ Block formats (x: [..., K], blocks of consecutive elements along K)
 Float32 subnormals (below 2^-126) flush to zero in XLA's CPU and GPU arithmetic, so the E8M0 scale 2^-127 and
 values that small read as 0.
 Non-finite input: a block holding NaN or +-inf gets a NaN scale (E4M3 0x7F, E8M0 0xFF, float32 NaN), so its
-dequantized values are all NaN. Packing: two E2M1 codes per uint8, the even-index element in the low nibble.
+dequantized values are all NaN.
+
+Packing: two E2M1 codes per uint8, the even-index element in the low nibble (`pack_nibbles`); two E4M3 codes per
+uint16, the even-index element in the low byte (`pack_bytes`; FP8 weights and the FP8 latent cache). Stored as
+words, a tensor holds half as many elements: the Triton kernels index an operand of 2^31 elements or more with
+wrapping 32-bit offsets unless it exceeds 2^32 bytes (pallas_kernels/common.py), and one layer's FP8 experts
+(256 x 2048 x 7168 codes, 3.76 GB) would fall in that gap as bytes.
 """
 
 from __future__ import annotations
@@ -86,6 +92,22 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
 def unpack_nibbles(packed: jax.Array) -> jax.Array:
     """uint8 [..., K/2] -> uint8 codes [..., K]."""
     return jnp.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def pack_bytes(codes: jax.Array) -> jax.Array:
+    """float8_e4m3fn codes [..., K] (K even) -> uint16 [..., K/2], element 2i in the low byte of word i."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"packing two FP8 codes per 16-bit word needs an even last axis, got {codes.shape}")
+    b = jax.lax.bitcast_convert_type(codes.astype(E4M3), jnp.uint8).astype(jnp.uint16)
+    b = b.reshape(*codes.shape[:-1], -1, 2)
+    return b[..., 0] | (b[..., 1] << 8)
+
+
+def unpack_bytes(words: jax.Array) -> jax.Array:
+    """uint16 [..., W] -> float8_e4m3fn codes [..., 2W] (the inverse of `pack_bytes`)."""
+    lo, hi = (words & 255).astype(jnp.uint8), (words >> 8).astype(jnp.uint8)
+    b = jnp.stack([lo, hi], axis=-1).reshape(*words.shape[:-1], -1)
+    return jax.lax.bitcast_convert_type(b, E4M3)
 
 
 def div(x: jax.Array, y) -> jax.Array:

@@ -3,7 +3,8 @@ like any parameter, plus the static description needed to read it back.
 
 Layout. A logical weight W (say [L, E, D, M], reduction axis D) is stored with its reduction axis moved last,
 the way a kernel tile wants to read it and the way DeepSeek/HF checkpoints store [out, in]:
-    codes   uint8 [L, E, M, D/2]   two E2M1 codes per byte (NVFP4/MXFP4), or float8_e4m3fn [L, E, M, D] (FP8)
+    codes   uint8 [L, E, M, D/2]   two E2M1 codes per byte (NVFP4/MXFP4), or uint16 [L, E, M, D/2] two E4M3 codes
+            per 16-bit word (FP8; quant.formats.pack_bytes: words keep the Triton kernels' offsets from wrapping)
     scales  [L, E, M, D/16] E4M3 (NVFP4) | [L, E, M, D/32] uint8 E8M0 (MXFP4) | [L, E, ceil(M/128), ceil(D/128)]
             float32 (FP8, 128x128 tiles over the flattened output rows and D)
     tensor_scale  float32 [L, E]: NVFP4's per-tensor scale, one per matrix (each layer and expert)
@@ -43,7 +44,7 @@ class QArray:
 
     @property
     def k(self) -> int:
-        return self.codes.shape[-1] * (2 if self.fmt in ("nvfp4", "mxfp4") else 1)
+        return self.codes.shape[-1] * 2  # two codes per stored element in every format
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -144,7 +145,7 @@ def quantize(w: jax.Array, fmt: str, *, k_axis: int = -2, batch_ndim: int = 0, a
         return QArray(F.pack_nibbles(codes), scales, None, **kw)
     rows = moved.reshape(*moved.shape[:batch_ndim], -1, moved.shape[-1])  # [..., out rows, K]
     q, s = F.fp8_quantize_2d(rows)
-    return QArray(q.reshape(moved.shape), s, None, **kw)
+    return QArray(F.pack_bytes(q.reshape(moved.shape)), s, None, **kw)
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:
@@ -156,9 +157,9 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     elif q.fmt == "mxfp4":
         moved = F.mxfp4_dequantize(F.unpack_nibbles(q.codes), q.scales, dtype)
     else:
-        lead = q.codes.shape[:q.batch_ndim]
-        rows = q.codes.reshape(*lead, -1, q.codes.shape[-1])
-        moved = F.fp8_dequantize_2d(rows, q.scales, dtype).reshape(q.codes.shape)
+        codes = F.unpack_bytes(q.codes)
+        rows = codes.reshape(*codes.shape[:q.batch_ndim], -1, codes.shape[-1])
+        moved = F.fp8_dequantize_2d(rows, q.scales, dtype).reshape(codes.shape)
     return jnp.moveaxis(moved, -1, q.k_axis)
 
 

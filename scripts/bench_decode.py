@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
+import jax
 
-from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf  # noqa: E402
-from model.config import get_preset  # noqa: E402
-from sharding.tp import use_host_devices  # noqa: E402
+from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf
+from model.config import get_preset
+from sharding.tp import use_host_devices
 
 
 def main():

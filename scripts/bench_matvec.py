@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from model.bench import median_time  # noqa: E402
+from model.bench import median_time
 
 
 def _loop(w, x):
@@ -60,7 +60,8 @@ def main():
         x = jax.random.normal(jax.random.key(1), (d,), jnp.float32)
         for name, (fn, build) in forms(args.experts).items():
             arg = jax.block_until_ready(build(w))
-            gbs = w.nbytes / median_time(lambda: jax.block_until_ready(fn(arg, x)), args.repeats) / 1e9
+            gbs = w.nbytes / median_time(lambda fn=fn, arg=arg, x=x: jax.block_until_ready(fn(arg, x)),
+                                          args.repeats) / 1e9
             rows.append({"d": d, "m": m, "form": name, "gb_s": gbs})
             print(f"{shape:>10}  {d * m * 4 / 2**20:7.1f}  {name:<20} {gbs:7.2f}")
             del arg

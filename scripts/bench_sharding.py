@@ -16,16 +16,16 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from model.bench import median_time  # noqa: E402
-from model.cache import init_cache  # noqa: E402
-from model.config import get_preset  # noqa: E402
-from model.forward import _decode, _prefill  # noqa: E402
-from model.params import init  # noqa: E402
-from sharding import EPMesh, make_mesh, shard_cache, shard_params  # noqa: E402
+from model.bench import median_time
+from model.cache import init_cache
+from model.config import get_preset
+from model.forward import _decode, _prefill
+from model.params import init
+from sharding import EPMesh, make_mesh, shard_cache, shard_params
 
 
 def run(cfg, params, mesh, batch, steps, repeats):

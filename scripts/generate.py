@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cli import generate_main  # noqa: E402
+from model.cli import generate_main
 
 if __name__ == "__main__":
     generate_main()

@@ -33,7 +33,7 @@ NEW_TOKENS = 24
 def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
     """Weights at 1/sqrt(fan_in), norms near 1, a non-zero router bias: every term of the maths matters."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             else:

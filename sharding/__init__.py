@@ -6,8 +6,15 @@
 """
 
 from sharding.mesh import AXES, EPMesh, make_mesh, mesh_sizes, parse_mesh_spec
-from sharding.rules import (DEFAULT_RULES, ShardingRules, cache_specs, check_divisible, param_specs, shard_cache,
-                            shard_params)
+from sharding.rules import (
+                            DEFAULT_RULES,
+                            ShardingRules,
+                            cache_specs,
+                            check_divisible,
+                            param_specs,
+                            shard_cache,
+                            shard_params,
+)
 
-__all__ = ["AXES", "EPMesh", "make_mesh", "mesh_sizes", "parse_mesh_spec", "DEFAULT_RULES", "ShardingRules", "cache_specs",
-           "check_divisible", "param_specs", "shard_cache", "shard_params"]
+__all__ = ["AXES", "EPMesh", "make_mesh", "mesh_sizes", "parse_mesh_spec", "DEFAULT_RULES", "ShardingRules",
+           "cache_specs", "check_divisible", "param_specs", "shard_cache", "shard_params"]

@@ -10,11 +10,12 @@ head reads the whole latent (as DeepSeek's own inference does).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from model.cache import Cache
 from model.config import Config

@@ -5,6 +5,27 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_x64", False)
+
+
+
+# ---- DeepSeek-V3's sizes for one layer, as abstract arrays (nothing allocated): kernel lowering and inspection --
+
+@pytest.fixture(scope="session")
+def deepseek_experts():
+    """64 decode tokens x top-8 rows over 256 experts, hidden 7168, expert width 2048: bf16 and quantized stacks."""
+    from pallas_kernels import arg_specs
+
+    x, sizes = arg_specs.expert_rows(64)
+    return {"x": x, "sizes": sizes, **{fmt: arg_specs.expert_weights(fmt) for fmt in ("bf16", "fp8", "nvfp4", "mxfp4")}}
+
+
+@pytest.fixture(scope="session")
+def deepseek_attention():
+    """Absorbed decode at batch 32, 128 heads, a 4k cache (bf16, and FP8 as 16-bit words); prefill of 4k tokens."""
+    from pallas_kernels import arg_specs
+
+    return {"decode": arg_specs.decode(), "decode_fp8": arg_specs.decode(fp8=True), "prefill": arg_specs.prefill()}

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from model import TINY
-from model.moe import (experts_dense_reference, experts_gather, experts_grouped, experts_single, grouped_swiglu,
-                       moe, route)
+from model.moe import (
+    experts_dense_reference,
+    experts_gather,
+    experts_grouped,
+    experts_single,
+    grouped_swiglu,
+    moe,
+    route,
+)
 from tests.helpers import random_params
 from tests.tolerances import OP_ATOL
 

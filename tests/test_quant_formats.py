@@ -176,8 +176,8 @@ def test_qarray_layout_and_stacks(fmt):
     w = jnp.asarray(_random((2, 3, 64, 32), 8) * np.array([1, 10, 100], np.float32)[None, :, None, None])
     q = quantize(w, fmt, k_axis=-2, batch_ndim=2)
     assert q.shape == w.shape
-    packed = 2 if fmt != "fp8" else 1
-    assert q.codes.shape == (2, 3, 32, 64 // packed)
+    assert q.codes.shape == (2, 3, 32, 64 // 2)  # two codes per byte (FP4) or per 16-bit word (FP8)
+    assert q.codes.dtype == (jnp.uint16 if fmt == "fp8" else jnp.uint8)
     for i in range(2):
         for j in range(3):
             one = quantize(w[i, j], fmt, k_axis=-2)
@@ -187,6 +187,12 @@ def test_qarray_layout_and_stacks(fmt):
         np.testing.assert_array_equal(np.asarray(q.codes[1, 2]), ref.pack(rc))
         np.testing.assert_array_equal(np.asarray(q.scales[1, 2]).view(np.uint8), rs)
         assert float(q.tensor_scale[1, 2]) == rst
+    if fmt == "fp8":  # the words hold the tiled quantizer's E4M3 codes, the even element in the low byte
+        codes = np.asarray(F.fp8_quantize_2d(w[1, 2].T)[0]).view(np.uint8)
+        words = np.asarray(q.codes[1, 2])
+        np.testing.assert_array_equal(words & 255, codes[:, 0::2])
+        np.testing.assert_array_equal(words >> 8, codes[:, 1::2])
+        np.testing.assert_array_equal(np.asarray(F.unpack_bytes(q.codes[1, 2])).view(np.uint8), codes)
     jitted = jax.jit(dequantize)(q)
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(dequantize(q)))
 

@@ -81,7 +81,8 @@ def test_wrong_nibble_order_fails(model, monkeypatch):
     params, cfg, calib, tokens, lengths = model
     ref = run(params, cfg, tokens, lengths)
     qp = quantize_params(params, "nvfp4_w4a16", calib)
-    swapped = lambda p: jnp.stack([p >> 4, p & 15], -1).reshape(*p.shape[:-1], -1)
+    def swapped(p):
+        return jnp.stack([p >> 4, p & 15], -1).reshape(*p.shape[:-1], -1)
     monkeypatch.setattr(F, "unpack_nibbles", swapped)
     fresh_jit_caches()
     err = rel_rms(run(qp, cfg, tokens, lengths), ref)
@@ -122,11 +123,20 @@ def test_calibration_covers_observed_activations(model):
 
 
 def test_fp8_cache_holds_e4m3(model):
+    """Two E4M3 codes per 16-bit word: half the bytes of a 16-bit cache, and each code the scaled latent rounded."""
+    from model.cache import kv_load
+    from quant.formats import div, e4m3, unpack_bytes
     params, cfg, calib, tokens, lengths = model
     cache = init_cache(cfg, 2, tokens.shape[1] + 4, kv_scale=calib["kv"])
     _, cache = prefill(params, cache, tokens, lengths, cfg=cfg)
-    assert cache.c_kv.dtype == np.dtype("float8_e4m3fn") and cache.kv_scale is not None
+    assert cache.c_kv.dtype == np.dtype("uint16") and cache.kv_scale is not None
     assert cache.c_kv.nbytes * 2 == init_cache(cfg, 2, tokens.shape[1] + 4, dtype=np.float16).c_kv.nbytes
+    _, plain = prefill(params, init_cache(cfg, 2, tokens.shape[1] + 4), tokens, lengths, cfg=cfg)
+    scale = calib["kv"][:, 0][:, None, None, None]
+    want = np.asarray(e4m3(div(plain.c_kv, scale))).view(np.uint8)
+    np.testing.assert_array_equal(np.asarray(unpack_bytes(cache.c_kv)).view(np.uint8), want)
+    np.testing.assert_array_equal(np.asarray(kv_load(cache.c_kv, scale, np.float32)),
+                                  np.asarray(e4m3(div(plain.c_kv, scale))).astype(np.float32) * np.asarray(scale))
 
 
 @pytest.mark.parametrize("mesh_spec,name", [("expert=4,tensor=2", "r1_fp4"), ("expert=4,tensor=2", "nvfp4_search"),
