@@ -73,7 +73,7 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, scale:
                  backend: str = "xla") -> jax.Array:
     """Decompressed attention. q_*: [B, T, N, *]; c_kv: [B, S, C]; k_pe: [B, S, R]; mask: [B, T, S] (causal).
 
-    backend "pallas": the causal flash-attention kernel (pallas_kernels/mla_prefill.py). Returns [B, T, D].
+    backend "pallas": the causal flash-attention kernel (pallas_kernels/mla_prefill/). Returns [B, T, D].
     """
     with jax.named_scope("attend_naive"):
         k_nope = qdot(c_kv, p.wk_b, "BSC,NHC->BSNH")  # [B, S, N, H]
@@ -95,7 +95,7 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache_c, cache_r, mask: jax.Arra
 
     q_nope: [B, T, N, H]; q_pe: [B, T, N, R]; cache_c: [B, S, C]; cache_r: [B, S, R]; mask: [B, T, S].
     scores = (q_nope W_uk) . c_kv + q_pe . k_pe;  out = W_o (W_uv (sum_s p c_kv)).  Returns [B, T, D].
-    backend "pallas" (one token per sequence): the split-KV kernel (pallas_kernels/mla_decode.py) over the raw
+    backend "pallas" (one token per sequence): the decode kernel (pallas_kernels/mla_decode/) over the raw
     cache, visible positions s < lengths [B], FP8 caches dequantized in the kernel with kv_scale [2].
     new: (c_kv [B, T, C], k_pe [B, T, R]) of the T query tokens themselves, attended causally in one softmax with
     the cache slots the mask shows (xla backend): decode then reads the cache before this step's write.

@@ -20,11 +20,11 @@ DEEPSEEK = {"experts": 256, "top_k": 8, "hidden": 7168, "width": 2048, "heads": 
 
 
 def expert_weights(fmt: str = "bf16", *, experts: int = 256, hidden: int = 7168, width: int = 2048,
-                   down: bool = False):
-    """One layer's [E, K, N] stack (gate or up: K = hidden, N = width; down: the reverse), plain bf16 or the
-    abstract quant.QArray of the format ("fp8", "nvfp4", "mxfp4")."""
+                   down: bool = False, dtype=BF16):
+    """One layer's [E, K, N] stack (gate or up: K = hidden, N = width; down: the reverse), plain ("bf16": in
+    `dtype`) or the abstract quant.QArray of the format ("fp8", "nvfp4", "mxfp4") quantized from `dtype`."""
     k, n = (width, hidden) if down else (hidden, width)
-    w = SD((experts, k, n), BF16)
+    w = SD((experts, k, n), dtype)
     if fmt == "bf16":
         return w
     return jax.eval_shape(lambda w: quantize(w, fmt, k_axis=-2, batch_ndim=1), w)

@@ -168,7 +168,7 @@ def test_default_tiles_fit_shared_memory():
     p = PrefillBlocks.get_default(length=4096)
     assert (p.bq, p.bk, p.num_stages) == (128, 64, 3)
     assert prefill_smem(p, qk_dim=128, rope=64, v_dim=128, itemsize=2) == 188_416
-    g = GmmBlocks.get_default(rows=64 * 8, groups=256, k=7168, n=2048, fmt="nvfp4")
+    g = GmmBlocks.get_default(rows=64 * 8, groups=256, k=7168, n=2048, fmt="nvfp4", n_weights=2)
     assert (g.bm, g.bn, g.bk, g.num_stages) == (16, 64, 128, 3)
     assert gmm_smem(g, fmt="nvfp4", x_itemsize=2, n_weights=2) == 76_800
     for heads in (16, 128):
@@ -179,8 +179,11 @@ def test_default_tiles_fit_shared_memory():
     for fmt, n_w in (("bf16", 2), ("fp8", 2), ("nvfp4", 2), ("mxfp4", 2), ("bf16", 1)):
         kind = "plain" if fmt == "bf16" else fmt
         for rows in (8, 512, 32768):
-            bs = GmmBlocks.get_default(rows=rows, groups=256, k=7168, n=2048, fmt=kind)
-            assert gmm_smem(bs, fmt=kind, x_itemsize=2, n_weights=n_w) <= SMEM_BYTES, (fmt, rows, bs)
+            for itemsize in (2, 4):  # bf16, and float32 models (twice the bytes per tile)
+                bs = GmmBlocks.get_default(rows=rows, groups=256, k=7168, n=2048, fmt=kind, x_itemsize=itemsize,
+                                           w_itemsize=itemsize, n_weights=n_w)
+                assert gmm_smem(bs, fmt=kind, x_itemsize=itemsize, w_itemsize=itemsize,
+                                n_weights=n_w) <= SMEM_BYTES, (fmt, rows, bs)
 
 
 def test_tiles_over_shared_memory_are_refused_before_lowering(deepseek_attention):

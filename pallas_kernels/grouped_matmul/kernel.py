@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.common import (
     F32,
+    SMEM_BYTES,
     check_offsets,
     check_smem,
     check_tile,
@@ -58,14 +59,27 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def get_default(cls, *, rows: int, groups: int, k: int, n: int, fmt: str = "plain") -> BlockSizes:
+    def get_default(cls, *, rows: int, groups: int, k: int, n: int, fmt: str = "plain", x_itemsize: int = 2,
+                    w_itemsize: int = 2, n_weights: int = 1) -> BlockSizes:
         """bm 16 while rows are at most two per group on average (decode: each expert sees a row or two, and a
         larger tile is mostly masked), else 64; bn and bk the largest powers of two up to 64 and 128 dividing N and
-        K; FP8 weights take 128 x 128, their scale tile."""
-        bm = 16 if rows <= 2 * groups else 64
-        if fmt == "fp8":  # two stages: three of 128 x 128 gate and up tiles and their bf16 copies overflow at bm 64
-            return cls(bm=bm, bn=128, bk=128, num_stages=2)
-        return cls(bm=bm, bn=largest_tile(n, 64), bk=largest_tile(k, 128))
+        K (FP8 weights: 128 x 128, their scale tile); 3 stages. Then, until the tiles fit 90% of a block's shared
+        memory (float32 operands need twice bf16's): 2 stages, a halved bk, a halved bm, a halved bn."""
+        bs = cls(bm=16 if rows <= 2 * groups else 64, bn=128 if fmt == "fp8" else largest_tile(n, 64),
+                 bk=128 if fmt == "fp8" else largest_tile(k, 128))
+        min_bk = 128 if fmt == "fp8" else max(SCALE_BLOCK.get(fmt, 16), 16)
+        min_bn = 128 if fmt == "fp8" else 16
+
+        def fits(b):
+            return smem_bytes(b, fmt=fmt, x_itemsize=x_itemsize, w_itemsize=w_itemsize,
+                              n_weights=n_weights) <= 0.9 * SMEM_BYTES
+        for shrink in (lambda b: dataclasses.replace(b, num_stages=2) if b.num_stages > 2 else None,
+                       lambda b: dataclasses.replace(b, bk=b.bk // 2) if b.bk > min_bk else None,
+                       lambda b: dataclasses.replace(b, bm=b.bm // 2) if b.bm > 16 else None,
+                       lambda b: dataclasses.replace(b, bn=b.bn // 2) if b.bn > min_bn else None):
+            while not fits(bs) and shrink(bs) is not None:
+                bs = shrink(bs)
+        return bs
 
 
 def smem_bytes(bs: BlockSizes, *, fmt: str, x_itemsize: int, w_itemsize: int = 2, n_weights: int = 1) -> int:
@@ -189,8 +203,6 @@ def grouped_matmul(x, w, group_sizes, w_up=None, expert_offset=0, *, block_sizes
     """
     m = x.shape[0]
     kind, w_arrays, tscale, k, n = operands(w)
-    bs = block_sizes or BlockSizes.get_default(rows=m, groups=group_sizes.shape[0], k=k, n=n, fmt=kind)
-    check_shapes(kind, k, n, bs)
     if x.shape[1] != k:
         raise ValueError(f"{NAME}: x has K={x.shape[1]}, the weights K={k}")
     sets, scales = [w_arrays], [tscale] if tscale is not None else []
@@ -200,6 +212,10 @@ def grouped_matmul(x, w, group_sizes, w_up=None, expert_offset=0, *, block_sizes
             raise ValueError(f"{NAME}: gate and up weights must share format and shape")
         sets.append(up_arrays)
         scales += [tscale2] if tscale2 is not None else []
+    bs = block_sizes or BlockSizes.get_default(rows=m, groups=group_sizes.shape[0], k=k, n=n, fmt=kind,
+                                               x_itemsize=x.dtype.itemsize,
+                                               w_itemsize=w_arrays[0].dtype.itemsize, n_weights=len(sets))
+    check_shapes(kind, k, n, bs)
     check_smem(NAME, smem_bytes(bs, fmt=kind, x_itemsize=x.dtype.itemsize, w_itemsize=w_arrays[0].dtype.itemsize,
                                 n_weights=len(sets)), bs)
     group, row0, end, count = tile_map(group_sizes.astype(jnp.int32), m, bs.bm)
