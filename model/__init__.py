@@ -21,16 +21,20 @@ Dimension letters, used in einsum strings and shape comments throughout:
 | L      | layers                                    | 61         |
 """
 
-from model.cache import Cache, init_cache, to_per_layer, to_stacked  # the latent cache
+from model.cache import Cache, init_cache  # the latent cache
 from model.config import PRESETS, R1_671B, SMALL, TINY, Config, RopeScaling, get_preset  # configuration
 from model.forward import decode_step, prefill  # entry points
 from model.generate import GenerateOutput, generate
 from model.params import Params, abstract_params, init, param_counts, param_infos  # parameters
+from model.placement import shard_cache, shard_params  # on a mesh
+from model.plan import ExecutionPlan
+from model.quantize import Calibration, calibrate, quantize_params  # precision
 from model.sampling import SamplingParams
 
 __all__ = [
     "Config", "RopeScaling", "R1_671B", "SMALL", "TINY", "PRESETS", "get_preset",
     "Params", "init", "abstract_params", "param_counts", "param_infos",
-    "Cache", "init_cache", "to_per_layer", "to_stacked",
+    "Cache", "init_cache", "ExecutionPlan", "shard_params", "shard_cache",
     "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams",
+    "Calibration", "calibrate", "quantize_params",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 import time
 from functools import partial
@@ -12,16 +12,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from model.cache import init_cache
+from model.forward import _decode, _prefill, check_tokens
+from model.io.checkpoint import load_checkpoint
+from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
+from model.io.tokenizer import ByteTokenizer, tokenizer_from_description
+from model.plan import ExecutionPlan
+from model.quantize import calibrate, quantize_params
+from model.sampling import SamplingParams, sample, step_keys
+from model.train.evaluate import evaluate, format_table
+from model.train.quant_eval import calibration_sequences
+from quant.recipes import get_recipe
+
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
 
 
 def load_any(path: str | Path):
     """(params, cfg, tokenizer) from a checkpoint of this project (meta.json) or an HF-layout directory."""
-    from model.checkpoint import load_checkpoint
-    from model.hf_checkpoint import CheckpointError, load_hf_checkpoint
-    from model.tokenizer import ByteTokenizer, tokenizer_from_description
-
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
         if not path.exists():
@@ -34,52 +42,36 @@ def load_any(path: str | Path):
 
 @partial(jax.jit, static_argnames=("sp",))
 def _sample_one(logits, step, sp):
-    from model.sampling import sample, step_keys
     return sample(logits, step_keys(sp.seed, jnp.zeros(1, jnp.int32), step), sp)
 
 
 def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
-                    kv_scale=None, backend="xla", mesh=None):
+                    kv_scale=None, plan: ExecutionPlan = ExecutionPlan()):
     """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
 
-    Returns (new ids, seconds to the first token, seconds for the rest). Both functions are compiled first.
-    """
-    from model.cache import init_cache
-    from model.forward import _decode, _prefill
+    Returns (new ids, seconds to the first token, seconds for the rest)."""
     if max_len is None:
         max_len = min(-(-(len(prompt_ids) + max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     tokens = jnp.asarray([prompt_ids], jnp.int32)
     lengths = jnp.asarray([len(prompt_ids)], jnp.int32)
-    def sample_fn(logits, step):
-        return _sample_one(logits, jnp.int32(step), sp=sampling)
     ids: list[int] = []
     t0 = time.perf_counter()
-    from model.layout import is_unstacked
-    cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale, per_layer=is_unstacked(params))
-    if mesh is not None:
-        from sharding import shard_cache
-        cache = shard_cache(cache, mesh)
-    logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, backend=backend, mesh=mesh)
-    tok = sample_fn(logits, 0)
-    first = int(tok[0])
+    cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale)
+    logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, plan=plan)
+    tok = _sample_one(logits, jnp.int32(0), sp=sampling)
+    ids.append(int(tok[0]))
     t_first = time.perf_counter() - t0
-    ids.append(first)
-    on_token(first)
+    on_token(ids[0])
     t1 = time.perf_counter()
-    step = 1
     while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
-        logits, cache = _decode(params, cache, tok, cfg=cfg, backend=backend, mesh=mesh)
-        tok = sample_fn(logits, step)
+        logits, cache = _decode(params, cache, tok, cfg=cfg, plan=plan)
+        tok = _sample_one(logits, jnp.int32(len(ids)), sp=sampling)
         ids.append(int(tok[0]))
         on_token(ids[-1])
-        step += 1
     return ids, t_first, time.perf_counter() - t1
 
 
 def generate_main(argv=None):
-    from model.forward import check_tokens
-    from model.sampling import SamplingParams
-
     ap = argparse.ArgumentParser(prog="r1jax-generate", description="Generate text, streamed as it is produced.")
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
@@ -93,18 +85,7 @@ def generate_main(argv=None):
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
-    ap.add_argument("--layout", default="stacked", choices=("stacked", "unstacked", "tp"),
-                    help="unstacked: a buffer per layer and per expert (model/layout.py), faster batch-1 decode on "
-                         "CPU for a longer compile; tp: the same, tensor-parallel over one CPU device per core "
-                         "(sharding/tp.py), the fastest batch-1 decode on CPU; xla backend only")
     args = ap.parse_args(argv)
-    if args.layout != "stacked" and args.backend != "xla":
-        ap.error(f"--layout {args.layout} runs with --backend xla only")
-    if args.layout == "tp":
-        from sharding.tp import use_host_devices
-        if use_host_devices(os.cpu_count() or 1) < 2:
-            ap.error("--layout tp needs at least two CPU devices (one per core); this process has one")
-    from quant.recipes import get_recipe
     try:
         recipe = get_recipe(args.recipe)
     except ValueError as e:
@@ -122,32 +103,16 @@ def generate_main(argv=None):
         print(args.prompt)
         return
     kv_scale = None
-    if recipe.weight_fmt is not None:
-        from quant.recipes import quantize_params
-        calib = None
-        if (recipe.act and recipe.weight_fmt == "nvfp4") or recipe.kv_fp8:  # static scales need calibration
-            from quant.calibrate import calibrate
-            from quant.evaluate import calibration_sequences
-            calib = calibrate(params, cfg, calibration_sequences(tok))
-            kv_scale = calib["kv"] if recipe.kv_fp8 else None
-        params = quantize_params(params, recipe, calib)
-    mesh = None
-    if args.layout in ("unstacked", "tp"):
-        from model.layout import unstack_layers
-        params = unstack_layers(params)
-    if args.layout == "tp":
-        from sharding.mesh import make_mesh
-        from sharding.tp import shard_unstacked
-        mesh = make_mesh(f"tensor={jax.device_count()}")
-        try:
-            params = shard_unstacked(params, cfg, mesh)
-        except ValueError as e:
-            ap.error(str(e))
+    if recipe.quantizes or recipe.kv_fp8:
+        calib = calibrate(params, cfg, calibration_sequences(tok)) if recipe.static_activation_scales else None
+        kv_scale = calib.kv if recipe.kv_fp8 else None
+        params = quantize_params(params, cfg, recipe, calib)
+    plan = ExecutionPlan.build(backend=args.backend)
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
-                    max_len=max_len, kv_scale=kv_scale, backend=args.backend, mesh=mesh)
+                    max_len=max_len, kv_scale=kv_scale, plan=plan)
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -157,17 +122,13 @@ def generate_main(argv=None):
             print(decode(i), end="", flush=True)
     ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
                                            sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len,
-                                           kv_scale=kv_scale, backend=args.backend, mesh=mesh)
+                                           kv_scale=kv_scale, plan=plan)
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
 
 
 def evaluate_main(argv=None):
-    import json
-
-    from model.evaluate import evaluate, format_table
-
     ap = argparse.ArgumentParser(prog="r1jax-evaluate", description="Held-out bits per byte and arithmetic "
                                  "exact match.")
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT))

@@ -15,10 +15,12 @@ import numpy as np
 
 from model.cache import cache_shapes
 from model.config import Config
-from model.forward import check_backend, check_tokens, decode_fn, prefill_fn
-from model.layout import is_unstacked
+from model.forward import check_tokens, decode_fn, prefill_fn
 from model.params import Params
+from model.placement import check_divisible
+from model.plan import ExecutionPlan
 from model.sampling import SamplingParams, sample, step_keys
+from sharding.rules import mesh_size
 
 PAD = -1
 
@@ -37,13 +39,12 @@ class GenerateOutput:
         return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "mesh", "backend"))
-def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
-                   mesh=None, backend="xla"):
-    shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None, per_layer=is_unstacked(params))
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "plan"))
+def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len, plan):
+    shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
     cache = cache.replace(kv_scale=kv_scale)
-    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, mesh=mesh, backend=backend)
+    logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, plan)
     b = tokens.shape[0]
     first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
@@ -56,7 +57,7 @@ def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg
 
     def body(state):
         step, cache, last, out, done, n_gen = state
-        logits, cache = decode_fn(params, cache, last, cfg, mesh=mesh, backend=backend)
+        logits, cache = decode_fn(params, cache, last, cfg, plan)
         nxt = sample(logits, step_keys(sp.seed, request_ids, step), sp)
         nxt = jnp.where(done, PAD, nxt)
         out = out.at[:, step].set(nxt)
@@ -81,17 +82,19 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
 
 def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-             max_len: int | None = None, request_ids: Sequence[int] | None = None, mesh=None,
-             kv_scale=None, backend: str = "xla") -> GenerateOutput:
+             max_len: int | None = None, request_ids: Sequence[int] | None = None, kv_scale=None,
+             plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None) -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
       last generated token); max_len: cache length (default: longest prompt + max_new_tokens, padded);
-      request_ids: per-sequence ids for the sampling keys (default 0..B-1); mesh: run sharded on this mesh
-      (parameters placed with sharding.shard_params; experts run expert-parallel); kv_scale: [L, 2] scales of
-      an FP8 latent cache (see `init_cache`), None for a cache in the model's dtype; backend: "xla" or "pallas".
+      request_ids: per-sequence ids for the sampling keys (default 0..B-1): a sequence samples the same tokens
+      whatever shares its batch as long as its request id and seed are the same; kv_scale: [L, 2] scales of an
+      FP8 latent cache (see `init_cache`), None for a cache in the model's dtype; plan, or backend / mesh: as for
+      `prefill` (on a mesh, parameters placed with model.shard_params; a batch that the mesh's batch axes do not
+      divide is padded with copies of the first prompt, whose outputs are dropped).
     """
-    check_backend(backend, mesh)
+    plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompts) == 0:
@@ -101,6 +104,15 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         check_tokens(cfg, np.asarray(p, np.int64), what=f"prompt {i} token ids")
     stop = check_tokens(cfg, np.asarray(list(stop_tokens), np.int64), what="stop token ids")
+    b = len(prompts)
+    rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
+    if rid.shape != (b,):
+        raise ValueError(f"request_ids must give one id per prompt ({b}), got shape {rid.shape}")
+    pad = 0
+    if plan.mesh is not None:
+        pad = -b % mesh_size(plan.mesh, plan.rules.axes("batch"))
+        prompts = list(prompts) + [prompts[0]] * pad
+        rid = np.concatenate([rid, np.full(pad, rid[0])])
     tokens, lengths = pad_prompts(prompts)
     need = int(lengths.max()) + max_new_tokens
     if max_len is None:
@@ -110,13 +122,12 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
                          f"exceeds the cache length {max_len} (max_position_embeddings="
                          f"{cfg.max_position_embeddings})")
     tokens = tokens[:, :max_len]
-    b = len(prompts)
-    if mesh is not None:
-        from sharding.rules import check_divisible
-        check_divisible(cfg, mesh, batch=b)
+    plan.check("prefill", tokens=tokens.size)
+    plan.check("decode", tokens=tokens.shape[0])
+    if plan.mesh is not None:
+        check_divisible(cfg, plan.mesh, plan.rules, batch=tokens.shape[0])
     if max_new_tokens == 0:
         return GenerateOutput(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), np.zeros(b, bool))
-    rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
     stop_arr = jnp.asarray(stop if stop.size else np.array([PAD]), jnp.int32)
     if kv_scale is not None:
         kv_scale = jnp.asarray(kv_scale, jnp.float32)
@@ -124,8 +135,8 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
     out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
                                 jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
-                                max_new_tokens=max_new_tokens, max_len=max_len, mesh=mesh, backend=backend)
-    out, n_gen = np.asarray(out), np.asarray(n_gen)
+                                max_new_tokens=max_new_tokens, max_len=max_len, plan=plan)
+    out, n_gen = np.asarray(out)[:b], np.asarray(n_gen)[:b]
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)
     return GenerateOutput(out, n_gen, stopped)

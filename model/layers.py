@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.params import Mlp, OutMajorMlp
+from model.params import Mlp
 from quant.qarray import activation, weight
 
 F32 = jnp.float32
@@ -32,27 +32,9 @@ def qdot(x: jax.Array, w, spec: str) -> jax.Array:
     return dot(activation(x, w), weight(w, x.dtype), spec)
 
 
-def rows_dot(w: jax.Array, x: jax.Array) -> jax.Array:
-    """w [N, K] (output axis first), x [..., K] -> x w^T [..., N] float32, with the weight as the dot's left
-    operand: XLA:CPU then runs a one-row product as W @ x over the rows of w, which reads a float32 weight faster
-    than x @ W over an [in, out] one (docs/benchmarks.md, "Output-major weights")."""
-    y = jax.lax.dot_general(w, x.reshape(-1, x.shape[-1]), (((1,), (1,)), ((), ())), preferred_element_type=F32)
-    return y.T.reshape(*x.shape[:-1], w.shape[0])
-
-
-def swiglu_out_major(p: OutMajorMlp, x: jax.Array) -> jax.Array:
-    """`swiglu` of an OutMajorMlp: gate and up in one product. x: [..., D] -> [..., D] float32."""
-    f = p.w2t.shape[1]
-    gate_up = rows_dot(p.w13.reshape(2 * f, p.w13.shape[2]), x)  # [..., 2F]: gate, then up
-    h = (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]).astype(x.dtype)
-    return rows_dot(p.w2t, h)
-
-
-def swiglu(p: Mlp | OutMajorMlp, x: jax.Array) -> jax.Array:
+def swiglu(p: Mlp, x: jax.Array) -> jax.Array:
     """W2 (silu(W1 x) * W3 x). Args: x: [..., D]. Returns [..., D]."""
     with jax.named_scope("swiglu"):
-        if isinstance(p, OutMajorMlp):
-            return swiglu_out_major(p, x).astype(x.dtype)
         xa = activation(x, p.w1)  # gate and up share one input scale
         gate = jnp.einsum("...D,DF->...F", xa, weight(p.w1, x.dtype), preferred_element_type=F32)
         up = jnp.einsum("...D,DF->...F", xa, weight(p.w3, x.dtype), preferred_element_type=F32)

@@ -14,15 +14,16 @@ from model.config import Config
 from model.forward import block, lm_logits
 from model.layers import dot, rms_norm
 from model.params import Params
+from model.plan import ExecutionPlan
 
 
-def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config, *, train: bool = False,
-               positions=None, segments=None):
+def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config, plan: ExecutionPlan,
+               phase: str, positions=None, segments=None):
     """hidden: [B, T, D] main-model final-normed states at positions 0..T-1; next_tokens: [B, T] = t_{i+1}.
 
-    Returns the MTP's normed hidden states [B, T, D] (position i predicts t_{i+2}) and, with train=True, the MTP
-    layer's (load, balance) stats. positions: the main model's positions of `hidden` (default 0..T-1); the MTP
-    layer runs one position later. segments: [B, T] document ids of packed training rows.
+    Returns the MTP's normed hidden states [B, T, D] (position i predicts t_{i+2}) and, in the train phase, the
+    MTP layer's (load, balance) stats. positions: the main model's positions of `hidden` (default 0..T-1); the
+    MTP layer runs one position later. segments: [B, T] document ids of packed training rows.
     """
     m = params.mtp
     e = rms_norm(params.embed[next_tokens], m.enorm, cfg.rms_norm_eps)
@@ -31,9 +32,9 @@ def mtp_hidden(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: C
     b, t = next_tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, _, _, stats = block(m.layer, x, positions + 1, None, None, cfg, decode=False, train=train, segments=segments)
+    x, _, stats = block(m.layer, x, None, positions + 1, segments, cfg, plan, phase)
     return rms_norm(x, m.norm, cfg.rms_norm_eps), stats
 
 
-def mtp_logits(params: Params, hidden, next_tokens, cfg: Config) -> jax.Array:
-    return lm_logits(params, mtp_hidden(params, hidden, next_tokens, cfg)[0])
+def mtp_logits(params: Params, hidden, next_tokens, cfg: Config, plan: ExecutionPlan = ExecutionPlan()):
+    return lm_logits(params, mtp_hidden(params, hidden, next_tokens, cfg, plan, "prefill")[0], cfg)

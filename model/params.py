@@ -1,11 +1,14 @@
-"""Parameter pytrees, declared once as `ArrayInfo(shape, dtype, logical_axes, init)`.
+"""Parameter pytrees, declared once as `ArrayInfo(shape, dtype, logical_axes, group, reduction, init)`.
 
-`param_infos(cfg)` is the single declaration; `init`, `abstract_params` (no allocation), the parameter counts, the
-sharding rules and the checkpoint loaders all derive from it. Layers are stacked on a leading `layers` axis: the
-dense-first layers form one stack, the MoE layers another, and each stack runs under `jax.lax.scan`.
+`param_infos(cfg)` is the single declaration. `init`, `abstract_params` (no allocation), the parameter counts,
+the sharding specs (model/placement.py), the quantization recipes and the calibration probes (model/quantize.py),
+the memory planner (model/memory.py) and the checkpoint loaders all derive from it: the logical axes say how a
+parameter is split over a mesh, the group which recipe rule applies (attention, dense_mlp, shared, routed, router,
+embedding, norm; every linear of the MTP module is in "mtp"), the reduction axis how it is quantized. Layers are
+stacked on a leading `layers` axis: the dense-first layers form one stack, the MoE layers another, and each stack
+runs under `jax.lax.scan`.
 
-Layouts (letters from `model/__init__.py`): linear weights are stored [in, out] so einsums read left to right
-(the unstacked CPU layout, model/layout.py, stores plain MLPs and the LM head output-major instead);
+Layouts (letters from `model/__init__.py`): linear weights are stored [in, out] so einsums read left to right;
 `wk_b` [N, H, C] / `wv_b` [N, C, V] are DeepSeek's `wkv_b` split per head into its key and value halves, heads
 leading, which is what the absorbed decode form needs without a per-step slice or transpose.
 """
@@ -25,30 +28,50 @@ from model.config import Config
 
 Array = jax.Array
 
-
-_BATCH_AXES = ("layers", "experts")
+BATCH_AXES = ("layers", "experts")  # leading axes of independent matrices (a stack)
+# the routed experts' logical axes (one layer): what expert parallelism splits
+EXPERT_AXES = {"we1": ("experts", "embed", "expert_ffn"), "we3": ("experts", "embed", "expert_ffn"),
+               "we2": ("experts", "expert_ffn", "embed")}
+GROUPS = ("attention", "dense_mlp", "shared", "routed", "router", "embedding", "norm", "mtp")
 
 
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """Declaration of one parameter: shape, dtype, one logical axis name per dimension, and its initialiser."""
+    """Declaration of one parameter: shape, dtype, one logical axis name per dimension, its group, the logical axis
+    its matmul reduces over (None: not a matmul weight), and its initialiser."""
 
     shape: tuple[int, ...]
     dtype: Any
     logical_axes: tuple[str | None, ...]
+    group: str
+    reduction: str | None = None
     init: str = "normal"  # "normal" (std = initializer_range), "ones" or "zeros"
-    fan_in_axes: tuple[str, ...] | None = None  # the matmul's input axes; default: the first non-batch axis
+    fan_in_axes: tuple[str, ...] | None = None  # the matmul's input axes; default: the reduction axis, else the
+    # first axis after the stack axes (the embedding table's rows)
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical_axes):
             raise ValueError(f"ArrayInfo: shape {self.shape} has {len(self.shape)} dims but logical axes "
                              f"{self.logical_axes} name {len(self.logical_axes)}")
+        if self.group not in GROUPS:
+            raise ValueError(f"ArrayInfo: unknown group {self.group!r}; one of {GROUPS}")
+        if self.reduction is not None and self.reduction not in self.logical_axes:
+            raise ValueError(f"ArrayInfo: reduction axis {self.reduction!r} is not among {self.logical_axes}")
+
+    @property
+    def k_axis(self) -> int:
+        """The reduction axis as a negative index (it stays right when leading stack axes are stripped)."""
+        return self.logical_axes.index(self.reduction) - len(self.shape)
+
+    @property
+    def batch_ndim(self) -> int:
+        """Leading axes that stack independent matrices (layers, experts)."""
+        return next((i for i, a in enumerate(self.logical_axes) if a not in BATCH_AXES), len(self.shape))
 
     @property
     def fan_in(self) -> int:
-        if self.fan_in_axes is not None:
-            return math.prod(n for n, a in zip(self.shape, self.logical_axes) if a in self.fan_in_axes)
-        return next(n for n, a in zip(self.shape, self.logical_axes) if a not in _BATCH_AXES)
+        axes = self.fan_in_axes or (self.reduction or self.logical_axes[self.batch_ndim],)
+        return math.prod(n for n, a in zip(self.shape, self.logical_axes) if a in axes)
 
     def stacked(self, n: int) -> ArrayInfo:
         return dataclasses.replace(self, shape=(n, *self.shape), logical_axes=("layers", *self.logical_axes))
@@ -85,23 +108,9 @@ class Moe:
     we3: Array  # [E, D, M]
     we2: Array  # [E, M, D]
     shared: Mlp  # width M * n_shared_experts
-
-
-@struct.dataclass
-class OutMajorMlp:
-    """A plain SwiGLU MLP as the unstacked layout stores it (model/layout.py), output axis first so that a one-row
-    product runs as W @ x with the weight as the left operand: gate and up as one [2, F, D] matrix (gate first),
-    the down projection as [D, F]. Same function as `Mlp(w1=w13[0].T, w3=w13[1].T, w2=w2t.T)`."""
-
-    w13: Array  # [2, F, D]
-    w2t: Array  # [D, F]
-
-
-@struct.dataclass
-class Transposed:
-    """A plain [in, out] weight stored as its transpose t [out, in] (the unstacked layout's LM head)."""
-
-    t: Array
+    # Not a parameter: inside the scan over layers the expert stacks stay whole ([L, E, ...]) and this is the
+    # layer's index into them (model/moe.py, `ExpertView`); None where the stacks hold one layer's [E, ...].
+    layer: Array | None = None
 
 
 @struct.dataclass
@@ -109,7 +118,7 @@ class Layer:
     attn_norm: Array  # [D]
     attn: Attention
     ffn_norm: Array  # [D]
-    ffn: Mlp | Moe | OutMajorMlp
+    ffn: Mlp | Moe
 
 
 @struct.dataclass
@@ -135,48 +144,60 @@ class Params:
 
 # ---- declarations -----------------------------------------------------------------------------------------------
 
+def _norm(n: int, dt, axis: str = "embed") -> ArrayInfo:
+    return ArrayInfo((n,), dt, (axis,), "norm", init="ones")
+
+
 def _attention_infos(cfg: Config) -> Attention:
     d, q, c, r = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     n, h, v, dt = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.param_dtype
     return Attention(
-        wq_a=ArrayInfo((d, q), dt, ("embed", "q_lora")),
-        q_norm=ArrayInfo((q,), dt, ("q_lora",), "ones"),
-        wq_b=ArrayInfo((q, n, h + r), dt, ("q_lora", "heads", "qk_head")),
-        wkv_a=ArrayInfo((d, c + r), dt, ("embed", "kv_lora_rope")),
-        kv_norm=ArrayInfo((c,), dt, ("kv_lora",), "ones"),
+        wq_a=ArrayInfo((d, q), dt, ("embed", "q_lora"), "attention", "embed"),
+        q_norm=_norm(q, dt, "q_lora"),
+        wq_b=ArrayInfo((q, n, h + r), dt, ("q_lora", "heads", "qk_head"), "attention", "q_lora"),
+        wkv_a=ArrayInfo((d, c + r), dt, ("embed", "kv_lora_rope"), "attention", "embed"),
+        kv_norm=_norm(c, dt, "kv_lora"),
         # heads lead in wk_b / wv_b: the absorbed einsums batch over heads, and XLA wants batch dims leading
-        wk_b=ArrayInfo((n, h, c), dt, ("heads", "qk_nope", "kv_lora"), fan_in_axes=("kv_lora",)),
-        wv_b=ArrayInfo((n, c, v), dt, ("heads", "kv_lora", "v_head"), fan_in_axes=("kv_lora",)),
-        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), fan_in_axes=("heads", "v_head")),
+        wk_b=ArrayInfo((n, h, c), dt, ("heads", "qk_nope", "kv_lora"), "attention", "kv_lora"),
+        wv_b=ArrayInfo((n, c, v), dt, ("heads", "kv_lora", "v_head"), "attention", "kv_lora"),
+        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), "attention", "v_head",
+                     fan_in_axes=("heads", "v_head")),
     )
 
 
-def _mlp_infos(d: int, f: int, dt, axis: str = "ffn") -> Mlp:
-    return Mlp(w1=ArrayInfo((d, f), dt, ("embed", axis)), w3=ArrayInfo((d, f), dt, ("embed", axis)),
-               w2=ArrayInfo((f, d), dt, (axis, "embed")))
+def _mlp_infos(d: int, f: int, dt, group: str, axis: str = "ffn") -> Mlp:
+    return Mlp(w1=ArrayInfo((d, f), dt, ("embed", axis), group, "embed"),
+               w3=ArrayInfo((d, f), dt, ("embed", axis), group, "embed"),
+               w2=ArrayInfo((f, d), dt, (axis, "embed"), group, axis))
 
 
 def _moe_infos(cfg: Config) -> Moe:
     d, e, m, dt = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.param_dtype
     return Moe(
-        w_router=ArrayInfo((d, e), dt, ("embed", "experts_router")),
-        e_bias=ArrayInfo((e,), jnp.float32, ("experts_router",), "zeros"),
-        we1=ArrayInfo((e, d, m), dt, ("experts", "embed", "expert_ffn")),
-        we3=ArrayInfo((e, d, m), dt, ("experts", "embed", "expert_ffn")),
-        we2=ArrayInfo((e, m, d), dt, ("experts", "expert_ffn", "embed")),
-        shared=_mlp_infos(d, m * cfg.n_shared_experts, dt, "shared_ffn"),
+        w_router=ArrayInfo((d, e), dt, ("embed", "experts_router"), "router", "embed"),
+        e_bias=ArrayInfo((e,), jnp.float32, ("experts_router",), "router", init="zeros"),
+        we1=ArrayInfo((e, d, m), dt, EXPERT_AXES["we1"], "routed", "embed"),
+        we3=ArrayInfo((e, d, m), dt, EXPERT_AXES["we3"], "routed", "embed"),
+        we2=ArrayInfo((e, m, d), dt, EXPERT_AXES["we2"], "routed", "expert_ffn"),
+        shared=_mlp_infos(d, m * cfg.n_shared_experts, dt, "shared", "shared_ffn"),
     )
 
 
 def _layer_infos(cfg: Config, moe: bool) -> Layer:
     d, dt = cfg.hidden_size, cfg.param_dtype
-    ffn = _moe_infos(cfg) if moe else _mlp_infos(d, cfg.intermediate_size, dt)
-    return Layer(attn_norm=ArrayInfo((d,), dt, ("embed",), "ones"), attn=_attention_infos(cfg),
-                 ffn_norm=ArrayInfo((d,), dt, ("embed",), "ones"), ffn=ffn)
+    ffn = _moe_infos(cfg) if moe else _mlp_infos(d, cfg.intermediate_size, dt, "dense_mlp")
+    return Layer(attn_norm=_norm(d, dt), attn=_attention_infos(cfg), ffn_norm=_norm(d, dt), ffn=ffn)
 
 
 def _stack(tree, n: int):
     return jax.tree.map(lambda i: i.stacked(n), tree, is_leaf=is_info)
+
+
+def _as_mtp(tree):
+    """The MTP module's linears form their own group (a recipe quantizes them or not as one, as released)."""
+    quantizable = ("attention", "dense_mlp", "shared", "routed")
+    return jax.tree.map(lambda i: dataclasses.replace(i, group="mtp") if i.group in quantizable else i, tree,
+                        is_leaf=is_info)
 
 
 def param_infos(cfg: Config, *, with_mtp: bool | None = None) -> Params:
@@ -186,15 +207,15 @@ def param_infos(cfg: Config, *, with_mtp: bool | None = None) -> Params:
     n_dense, n_moe = cfg.first_k_dense_replace, cfg.n_moe_layers
     mtp = None
     if with_mtp:
-        mtp = Mtp(enorm=ArrayInfo((d,), dt, ("embed",), "ones"), hnorm=ArrayInfo((d,), dt, ("embed",), "ones"),
-                  eh_proj=ArrayInfo((2 * d, d), dt, ("embed_concat", "embed")), layer=_layer_infos(cfg, moe=True),
-                  norm=ArrayInfo((d,), dt, ("embed",), "ones"))
+        mtp = Mtp(enorm=_norm(d, dt), hnorm=_norm(d, dt),
+                  eh_proj=ArrayInfo((2 * d, d), dt, ("embed_concat", "embed"), "mtp", "embed_concat"),
+                  layer=_as_mtp(_layer_infos(cfg, moe=True)), norm=_norm(d, dt))
     return Params(
-        embed=ArrayInfo((v, d), dt, ("vocab", "embed")),
+        embed=ArrayInfo((v, d), dt, ("vocab", "embed"), "embedding"),
         dense_layers=_stack(_layer_infos(cfg, moe=False), n_dense) if n_dense else None,
         moe_layers=_stack(_layer_infos(cfg, moe=True), n_moe) if n_moe else None,
-        norm=ArrayInfo((d,), dt, ("embed",), "ones"),
-        lm_head=ArrayInfo((d, v), dt, ("embed", "vocab")),
+        norm=_norm(d, dt),
+        lm_head=ArrayInfo((d, v), dt, ("embed", "vocab"), "embedding", "embed"),
         mtp=mtp,
     )
 
@@ -235,34 +256,24 @@ def _size(tree) -> int:
 
 
 def param_counts(cfg: Config) -> dict[str, int]:
-    """Parameter counts by component, the main-model total, the MTP module, and the activated count per token.
+    """Parameter counts by declared group (attention, dense_mlp, shared, routed, router, embedding, norm) over the
+    main model, its total, the MTP module, and the activated count per token.
 
     `activated` follows DeepSeek's convention: every non-expert parameter of the main model plus
     `num_experts_per_tok` routed experts per MoE layer (the embedding row lookup counted in full, as in the
-    37B figure; `activated_matmul` leaves the embedding out).
+    37B figure; `activated_matmul` leaves the embedding table, `embed`, out).
     """
     infos = param_infos(cfg, with_mtp=cfg.num_nextn_predict_layers > 0)
-    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    counts = {"embed": _size(infos.embed), "lm_head": _size(infos.lm_head), "final_norm": _size(infos.norm)}
-    counts["attention"] = 0
-    counts["dense_mlp"] = 0
-    counts["routed_experts"] = counts["shared_experts"] = counts["router"] = 0
-    for stack in (infos.dense_layers, infos.moe_layers):
-        if stack is None:
-            continue
-        counts["attention"] += _size((stack.attn, stack.attn_norm, stack.ffn_norm))
-        if isinstance(stack.ffn, Moe):
-            counts["routed_experts"] += _size((stack.ffn.we1, stack.ffn.we2, stack.ffn.we3))
-            counts["shared_experts"] += _size(stack.ffn.shared)
-            counts["router"] += _size((stack.ffn.w_router, stack.ffn.e_bias))
-        else:
-            counts["dense_mlp"] += _size(stack.ffn)
-    main = sum(counts.values())
-    counts["total"] = main
+    counts = dict.fromkeys((g for g in GROUPS if g != "mtp"), 0)
+    for info in jax.tree.leaves(infos.replace(mtp=None), is_leaf=is_info):
+        counts[info.group] += math.prod(info.shape)
+    counts["total"] = sum(counts.values())
+    counts["embed"] = math.prod(infos.embed.shape)
     counts["mtp"] = _size(infos.mtp) if infos.mtp is not None else 0
+    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     inactive = cfg.n_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * one_expert
-    counts["activated"] = main - inactive
-    counts["activated_matmul"] = main - inactive - counts["embed"]
+    counts["activated"] = counts["total"] - inactive
+    counts["activated_matmul"] = counts["activated"] - counts["embed"]
     return counts
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_prefill import mla_prefill
-from quant.qarray import is_qarray, map_leading, quantize_activation, quantizes_activation
+from quant.qarray import is_qarray, quantize_activation, quantizes_activation
 
 F32 = jnp.float32
 
@@ -50,30 +50,18 @@ def prefill_attention(q_nope, q_pe, k_nope, k_pe, v, sm_scale: float):
     return out[:, :t]
 
 
-def moe_experts(we1, we3, we2, x, w, idx, layer=None) -> jax.Array:
-    """Routed experts with the grouped-matmul kernel: sort the (token, expert) pairs by expert, fused gate/up
-    SwiGLU, down projection, weighted scatter-add back. x: [T, D] -> [T, D] float32."""
+def grouped_swiglu(xs, we1, we3, we2, sizes, offset, row_expert) -> jax.Array:
+    """Expert SwiGLU MLPs over rows sorted by expert with the grouped-matmul kernel: the fused gate/up product,
+    then the down projection. xs: [R, D] rows; we1/we3 [G', D, M], we2 [G', M, D] (plain or quant.QArray stacks,
+    group g at offset + g); sizes: [G] rows per group (rows past their sum come back as zeros); row_expert: [R]
+    each row's group, for its expert's static input scale when activations are quantized. Returns [R, D]."""
     for v in (we1, we2):
         if quantizes_activation(v) and (not is_qarray(v) or v.input_scale is None):
-            raise ValueError("the pallas backend quantizes expert activations with static (calibrated) input "
-                             "scales; pass quant.calibrate's scales to quantize_params, or use backend='xla'")
-    t, k = idx.shape
-    n_exp = we1.shape[0 if layer is None else 1]
-    if layer is None:
-        w1, w3, w2, off = we1, we3, we2, 0
-    else:
-        w1, w3, w2 = (map_leading(lambda a: a.reshape(-1, *a.shape[2:]), v) for v in (we1, we3, we2))
-        off = layer * n_exp
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
-    xs = x[token]  # [T*X, D]
-    if quantizes_activation(w1):  # per row, its expert's static input scale
-        xs = quantize_activation(xs, w1.act, w1.input_scale[off + flat[order]], batch_ndim=1)
-    h = grouped_matmul(xs, w1, sizes, w3, off)
-    if quantizes_activation(w2):
-        h = quantize_activation(h, w2.act, w2.input_scale[off + flat[order]], batch_ndim=1)
-    y = grouped_matmul(h, w2, sizes, None, off)
-    y = y.astype(F32) * w.reshape(-1)[order][:, None]
-    return jnp.zeros((t, x.shape[1]), F32).at[token].add(y)
+            raise ValueError("the pallas experts quantize activations with static (calibrated) input scales; "
+                             "pass model.calibrate's scales to quantize_params, or use experts='grouped'")
+    if quantizes_activation(we1):  # per row, its expert's static input scale
+        xs = quantize_activation(xs, we1.act, we1.input_scale[offset + row_expert], batch_ndim=1)
+    h = grouped_matmul(xs, we1, sizes, we3, offset)
+    if quantizes_activation(we2):
+        h = quantize_activation(h, we2.act, we2.input_scale[offset + row_expert], batch_ndim=1)
+    return grouped_matmul(h, we2, sizes, None, offset)

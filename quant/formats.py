@@ -31,6 +31,9 @@ wrapping 32-bit offsets unless it exceeds 2^32 bytes (pallas_kernels/common.py),
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +47,35 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Decision points between consecutive E2M1 magnitudes, and whether the tie goes up (to the even code above).
 _E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
-BLOCK = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How a weight format is stored (the one table QArray, the sharding checks and the kernels read): two codes
+    per stored element of `code_dtype` along the reduction axis K; scales of `scale_dtype` per `block` elements of
+    K and per `row_block` output rows (FP8's 128 x 128 tiles; 1: per row); NVFP4's float32 per-matrix scale."""
+
+    name: str
+    code_dtype: Any
+    block: int
+    row_block: int
+    scale_dtype: Any
+    tensor_scale: bool
+    codes_per_element: int = 2
+
+    def bytes_per_param(self, rows: int, k: int) -> float:
+        """Stored bytes per parameter of one [rows, K] matrix: codes and block scales (the per-matrix float32
+        scale, 4 bytes a matrix, not included)."""
+        tiles = -(-rows // self.row_block) * -(-k // self.block)
+        return (jnp.dtype(self.code_dtype).itemsize / self.codes_per_element
+                + tiles * jnp.dtype(self.scale_dtype).itemsize / (rows * k))
+
+
+FORMATS = {
+    "nvfp4": Format("nvfp4", jnp.uint8, block=16, row_block=1, scale_dtype=E4M3, tensor_scale=True),
+    "mxfp4": Format("mxfp4", jnp.uint8, block=32, row_block=1, scale_dtype=jnp.uint8, tensor_scale=False),
+    "fp8": Format("fp8", jnp.uint16, block=128, row_block=128, scale_dtype=F32, tensor_scale=False),
+}
 
 
 # ---- elements ------------------------------------------------------------------------------------------------

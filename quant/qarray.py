@@ -25,8 +25,7 @@ from flax import struct
 
 from quant import formats as F
 
-FORMATS = ("nvfp4", "mxfp4", "fp8")
-ACT_FORMATS = (None, "nvfp4", "mxfp4", "fp8")
+ACT_FORMATS = (None, *F.FORMATS)
 
 
 @struct.dataclass
@@ -44,7 +43,7 @@ class QArray:
 
     @property
     def k(self) -> int:
-        return self.codes.shape[-1] * 2  # two codes per stored element in every format
+        return self.codes.shape[-1] * F.FORMATS[self.fmt].codes_per_element
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,7 +84,7 @@ def is_qarray(x) -> bool:
 @struct.dataclass
 class Probe:
     """Calibration stand-in for a weight: used as the weight itself, and every activation that meets it reports its
-    amax (per matrix of the stack: `ids` has the weight's leading batch shape) to `quant.calibrate`."""
+    amax (per matrix of the stack: `ids` has the weight's leading batch shape) to `model.quantize`."""
 
     w: jax.Array
     ids: jax.Array  # float32 [*batch], unique per matrix
@@ -99,7 +98,7 @@ class Probe:
         return self.ids.ndim
 
 
-_PROBE_SINK: list = []  # the active recorder, set by quant.calibrate
+_PROBE_SINK: list = []  # the active recorder, set by model.quantize
 
 
 def _record(ids, amax):
@@ -122,8 +121,8 @@ def quantize(w: jax.Array, fmt: str, *, k_axis: int = -2, batch_ndim: int = 0, a
     """Quantize a logical weight. k_axis: its reduction axis; batch_ndim: how many leading axes are a stack of
     independent matrices (layers, experts), each with its own per-tensor scale; amax [batch]: the per-tensor amax
     to use (gate and up share one); act: the activation format for W4A4/W8A8 (None: weights only)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}; one of {FORMATS}")
+    if fmt not in F.FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; one of {tuple(F.FORMATS)}")
     if act not in ACT_FORMATS:
         raise ValueError(f"unknown activation format {act!r}; one of {ACT_FORMATS}")
     nd = w.ndim

@@ -1,22 +1,26 @@
-"""Named, composable quantization recipes and `quantize_params`.
+"""Named, composable quantization recipes: the one registry that quantizes a model (model/quantize.py) and plans
+its memory (model/memory.py).
 
-A recipe says which linears are quantized (groups below), to which weight format, whether activations are
-quantized too (W4A4 / W8A8: per block at run time, with a static per-tensor scale from calibration), whether the
-latent cache is FP8, and whether block scales come from an MSE search instead of plain amax.
+A recipe maps parameter groups, as every parameter declares its group (model/params.py), to a weight format and
+whether activations meeting those weights are quantized too (W4A4 / W8A8: per block at run time, with a static
+per-tensor scale from calibration for NVFP4); it also says whether the latent cache is FP8 and whether block
+scales come from an MSE search instead of plain amax.
 
-Groups: "dense_mlp" (the dense layers' MLPs), "shared" (shared experts), "routed" (routed experts), "attn" (every
-MLA projection: wq_a, wq_b, wkv_a, wk_b/wv_b, wo), "attn_o" (wo only). Never quantized, in every recipe: the
-embedding, the LM head, the router and its bias, the norms, and the MTP module (as in the published checkpoint).
+Groups: "attention" (every MLA projection: wq_a, wq_b, wkv_a, wk_b / wv_b, wo; "attention.wo" names wo alone),
+"dense_mlp" (the dense layers' MLPs), "shared" (shared experts), "routed" (routed experts), "mtp" (the MTP
+module's own linears, eh_proj included). Never quantized, in every recipe: the embedding, the LM head, the router
+and its bias, the norms.
 
-Named recipes (`RECIPES`); modifiers compose with '+': "+attn", "+attn_o", "+kv_fp8", "+search", "+w4a4"/"+w4a16":
-    r1_fp4        the published DeepSeek-R1-FP4: dense MLPs + shared + routed experts in NVFP4 W4A4, gate and up of
-                  each expert sharing one weight amax and one input scale, attention/head/embedding/router/MTP
-                  untouched, FP8 latent cache
+Named recipes (`RECIPES`); modifiers compose with '+': "+attn", "+attn_o", "+kv_fp8", "+search", "+w4a4" /
+"+w4a16", "+mx_ceil":
+    bf16          nothing quantized
+    fp8_w8a8      DeepSeek's FP8 release: every linear of attention, the MLPs and the MTP module in FP8 (128x128
+                  weight tiles, 1x128 dynamic activation blocks)
+    r1_fp4        the published DeepSeek-R1-FP4: dense MLPs + shared + routed experts in NVFP4 W4A4 (gate and up of
+                  each expert sharing one weight amax and one input scale), attention and MTP untouched, FP8 cache
     nvfp4_w4a16   the same linears, weights only        nvfp4_w4a4   weights and activations, BF16 cache
-    nvfp4_experts routed experts only (W4A16)           mxfp4_w4a16 / mxfp4_w4a4: MXFP4 in place of NVFP4
-    fp8_w8a8      DeepSeek's FP8 release: every linear of attention and MLPs, 128x128 weight tiles, 1x128
-                  dynamic activation blocks
-    nvfp4_search  nvfp4_w4a16 with MSE-searched block scales
+    nvfp4_experts routed experts in NVFP4 (weights only) on top of the FP8 release for everything else
+    mxfp4_w4a16 / mxfp4_w4a4: MXFP4 in place of NVFP4  nvfp4_search  nvfp4_w4a16 with MSE-searched block scales
 """
 
 from __future__ import annotations
@@ -27,55 +31,105 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.params import Attention, Moe, Params
 from quant import formats as F
 from quant.qarray import QArray, quantize
 
-GROUPS = ("dense_mlp", "shared", "routed", "attn", "attn_o")
+GROUPS = ("attention", "attention.wo", "dense_mlp", "shared", "routed", "mtp")
 R1_GROUPS = ("dense_mlp", "shared", "routed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one group gets: a weight format and whether activations are quantized (in the same format)."""
+
+    fmt: str
+    act: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str
-    weight_fmt: str | None = None  # None: nothing quantized (the baseline)
-    groups: tuple[str, ...] = ()
-    act: bool = False  # W4A4 / W8A8
+    rules: tuple[tuple[str, Rule], ...] = ()  # (group, rule); a later entry overrides an earlier one
     kv_fp8: bool = False
     search: bool = False
     mx_rule: str = "ocp"
 
     def __post_init__(self):
-        bad = set(self.groups) - set(GROUPS)
-        if bad:
-            raise ValueError(f"recipe {self.name!r}: unknown groups {sorted(bad)}; known: {GROUPS}")
-        if self.search and self.weight_fmt == "fp8":
-            raise ValueError(f"recipe {self.name!r}: scale search is defined for the FP4 formats only")
+        for group, rule in self.rules:
+            if group not in GROUPS:
+                raise ValueError(f"recipe {self.name!r}: unknown group {group!r}; known: {GROUPS}")
+            if rule.fmt not in F.FORMATS:
+                raise ValueError(f"recipe {self.name!r}: unknown format {rule.fmt!r}; known: {tuple(F.FORMATS)}")
+            if self.search and rule.fmt == "fp8":
+                raise ValueError(f"recipe {self.name!r}: scale search is defined for the FP4 formats only")
+
+    def rule(self, group: str, name: str = "") -> Rule | None:
+        """The rule for a parameter of `group` called `name` (e.g. "wo"), or None: left in the model dtype."""
+        table = dict(self.rules)
+        return table.get(f"{group}.{name}", table.get(group))
 
     @property
-    def act_fmt(self) -> str | None:
-        return self.weight_fmt if self.act else None
+    def quantizes(self) -> bool:
+        return bool(self.rules)
 
+    @property
+    def static_activation_scales(self) -> bool:
+        """Whether quantized activations need calibrated per-tensor scales (NVFP4 W4A4) or the cache its scales."""
+        return self.kv_fp8 or any(r.act and r.fmt == "nvfp4" for _, r in self.rules)
+
+    def quantize(self, w, group: str, name: str = "", *, k_axis: int, batch_ndim: int, amax=None,
+                 input_scale=None):
+        """w quantized by this recipe's rule for (group, name), or w itself when the recipe leaves it alone."""
+        rule = self.rule(group, name)
+        if rule is None:
+            return w
+        block_scales = None
+        if self.search:
+            moved = jnp.moveaxis(w, k_axis, -1)
+            if rule.fmt == "nvfp4":
+                s_t = F.nvfp4_tensor_scale(_amax(w, batch_ndim) if amax is None else amax)
+                block_scales = nvfp4_search_block_scales(moved, s_t.reshape(*s_t.shape,
+                                                                           *([1] * (moved.ndim - batch_ndim))))
+            else:
+                block_scales = mxfp4_search_exponents(moved)
+        return quantize(w, rule.fmt, k_axis=k_axis, batch_ndim=batch_ndim, amax=amax,
+                        act=rule.fmt if rule.act else None, input_scale=input_scale, mx_rule=self.mx_rule,
+                        block_scales=block_scales)
+
+
+def _every(groups, fmt: str, act: bool) -> tuple[tuple[str, Rule], ...]:
+    return tuple((g, Rule(fmt, act)) for g in groups)
+
+
+FP8_RELEASE = _every(("attention",) + R1_GROUPS + ("mtp",), "fp8", True)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("bf16"),
-    Recipe("fp8_w8a8", "fp8", R1_GROUPS + ("attn",), act=True),
-    Recipe("r1_fp4", "nvfp4", R1_GROUPS, act=True, kv_fp8=True),
-    Recipe("nvfp4_w4a16", "nvfp4", R1_GROUPS),
-    Recipe("nvfp4_w4a4", "nvfp4", R1_GROUPS, act=True),
-    Recipe("nvfp4_experts", "nvfp4", ("routed",)),
-    Recipe("mxfp4_w4a16", "mxfp4", R1_GROUPS),
-    Recipe("mxfp4_w4a4", "mxfp4", R1_GROUPS, act=True),
-    Recipe("nvfp4_search", "nvfp4", R1_GROUPS, search=True),
+    Recipe("fp8_w8a8", FP8_RELEASE),
+    Recipe("r1_fp4", _every(R1_GROUPS, "nvfp4", True), kv_fp8=True),
+    Recipe("nvfp4_w4a16", _every(R1_GROUPS, "nvfp4", False)),
+    Recipe("nvfp4_w4a4", _every(R1_GROUPS, "nvfp4", True)),
+    Recipe("nvfp4_experts", FP8_RELEASE + _every(("routed",), "nvfp4", False)),
+    Recipe("mxfp4_w4a16", _every(R1_GROUPS, "mxfp4", False)),
+    Recipe("mxfp4_w4a4", _every(R1_GROUPS, "mxfp4", True)),
+    Recipe("nvfp4_search", _every(R1_GROUPS, "nvfp4", False), search=True),
 )}
 
+
+def _base_rule(r: Recipe) -> Rule:
+    """The rule of the recipe's main groups (routed experts first), which the +attn modifiers extend."""
+    return r.rule("routed") or r.rule("dense_mlp") or Rule("nvfp4")
+
+
 _MODIFIERS = {
-    "attn": lambda r: dataclasses.replace(r, groups=tuple(dict.fromkeys(r.groups + ("attn",)))),
-    "attn_o": lambda r: dataclasses.replace(r, groups=tuple(dict.fromkeys(r.groups + ("attn_o",)))),
+    "attn": lambda r: dataclasses.replace(r, rules=r.rules + (("attention", _base_rule(r)),)),
+    "attn_o": lambda r: dataclasses.replace(r, rules=r.rules + (("attention.wo", _base_rule(r)),)),
     "kv_fp8": lambda r: dataclasses.replace(r, kv_fp8=True),
     "search": lambda r: dataclasses.replace(r, search=True),
-    "w4a4": lambda r: dataclasses.replace(r, act=True),
-    "w4a16": lambda r: dataclasses.replace(r, act=False),
+    "w4a4": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, True if x.fmt != "fp8" else x.act))
+                                                          for g, x in r.rules)),
+    "w4a16": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, False if x.fmt != "fp8" else x.act))
+                                                           for g, x in r.rules)),
     "mx_ceil": lambda r: dataclasses.replace(r, mx_rule="ceil"),
 }
 
@@ -129,74 +183,9 @@ def mxfp4_search_exponents(x: jax.Array) -> jax.Array:
     return jnp.where(err(e0 + 1) < err(e0), e0 + 1, e0)
 
 
-# ---- quantize_params -----------------------------------------------------------------------------------------
-
-def _q(w, recipe: Recipe, *, k_axis: int, batch_ndim: int, amax=None, input_scale=None) -> QArray:
-    block_scales = None
-    if recipe.search:
-        moved = jnp.moveaxis(w, k_axis, -1)
-        if recipe.weight_fmt == "nvfp4":
-            s_t = F.nvfp4_tensor_scale(_amax(w, batch_ndim) if amax is None else amax)
-            block_scales = nvfp4_search_block_scales(moved, s_t.reshape(*s_t.shape, *([1] * (moved.ndim - batch_ndim))))
-        else:
-            block_scales = mxfp4_search_exponents(moved)
-    return quantize(w, recipe.weight_fmt, k_axis=k_axis, batch_ndim=batch_ndim, amax=amax, act=recipe.act_fmt,
-                    input_scale=input_scale, mx_rule=recipe.mx_rule, block_scales=block_scales)
-
-
 def _amax(w, batch_ndim: int):
     """Per-matrix amax: over every axis after the leading batch (layer, expert) axes."""
     return jnp.max(jnp.abs(w.astype(F.F32)), axis=tuple(range(batch_ndim, w.ndim)))
-
-
-def _gate_up(p, names, recipe, batch_ndim, scales):
-    """Gate and up (w1, w3) share one per-tensor weight amax and one input scale, as the published recipe does."""
-    w1, w3, w2 = (getattr(p, n) for n in names)
-    amax = jnp.maximum(_amax(w1, batch_ndim), _amax(w3, batch_ndim)) if recipe.weight_fmt == "nvfp4" else None
-    s_in, s_hid = scales if scales is not None else (None, None)
-    return {names[0]: _q(w1, recipe, k_axis=-2, batch_ndim=batch_ndim, amax=amax, input_scale=s_in),
-            names[1]: _q(w3, recipe, k_axis=-2, batch_ndim=batch_ndim, amax=amax, input_scale=s_in),
-            names[2]: _q(w2, recipe, k_axis=-2, batch_ndim=batch_ndim, input_scale=s_hid)}
-
-
-# reduction axis of each attention weight (stacked: a leading layer axis), see model/params.py for the layouts
-ATTN_K_AXIS = {"wq_a": -2, "wq_b": -3, "wkv_a": -2, "wk_b": -1, "wv_b": -2, "wo": -2}
-
-
-def quantize_params(params: Params, recipe: str | Recipe, input_scales: dict | None = None) -> Params:
-    """The parameter tree with the recipe's linears replaced by QArrays (everything else untouched).
-
-    input_scales: static activation scales from `quant.calibrate.calibrate` (W4A4 / W8A8 with NVFP4 need them for
-    static per-tensor scales; without them the per-tensor activation scale is computed at run time).
-    """
-    r = get_recipe(recipe)
-    if r.weight_fmt is None:
-        return params
-    s = input_scales or {}
-    out = params
-    if "dense_mlp" in r.groups and params.dense_layers is not None:
-        mlp = params.dense_layers.ffn
-        out = out.replace(dense_layers=out.dense_layers.replace(
-            ffn=mlp.replace(**_gate_up(mlp, ("w1", "w3", "w2"), r, 1, s.get("dense_mlp")))))
-    if params.moe_layers is not None:
-        moe: Moe = out.moe_layers.ffn
-        if "shared" in r.groups:
-            moe = moe.replace(shared=moe.shared.replace(**_gate_up(moe.shared, ("w1", "w3", "w2"), r, 1,
-                                                                    s.get("shared"))))
-        if "routed" in r.groups:
-            moe = moe.replace(**_gate_up(moe, ("we1", "we3", "we2"), r, 2, s.get("routed")))
-        out = out.replace(moe_layers=out.moe_layers.replace(ffn=moe))
-    names = tuple(ATTN_K_AXIS) if "attn" in r.groups else ("wo",) if "attn_o" in r.groups else ()
-    for stack in ("dense_layers", "moe_layers"):
-        layer = getattr(out, stack)
-        if layer is None or not names:
-            continue
-        sa = s.get(f"attn_{stack}", {})
-        attn: Attention = layer.attn
-        attn = attn.replace(**{n: _q(getattr(attn, n), r, k_axis=ATTN_K_AXIS[n], batch_ndim=1,
-                                     input_scale=sa.get(n)) for n in names})
-        out = out.replace(**{stack: layer.replace(attn=attn)})
-    return out
 
 
 def weight_bytes(params, float_itemsize: int | None = None) -> int:
@@ -209,17 +198,9 @@ def weight_bytes(params, float_itemsize: int | None = None) -> int:
         elif float_itemsize and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim > 1:
             total += leaf.size * float_itemsize
         else:
-            total += leaf.size * leaf.dtype.itemsize
+            total += leaf.size * jnp.dtype(leaf.dtype).itemsize
     return int(total)
 
 
-__all__ = [
-    "GROUPS",
-    "RECIPES",
-    "Recipe",
-    "get_recipe",
-    "mxfp4_search_exponents",
-    "nvfp4_search_block_scales",
-    "quantize_params",
-    "weight_bytes",
-]
+__all__ = ["GROUPS", "RECIPES", "Recipe", "Rule", "get_recipe", "mxfp4_search_exponents",
+           "nvfp4_search_block_scales", "weight_bytes"]

@@ -4,16 +4,14 @@ config and weights side by side in the same run when the `reference` extra is in
 Prints a table and optionally writes JSON:
     python scripts/bench_decode.py --presets tiny small --json results/bench_decode.json
 
-Reported per preset: decode tokens/s at batch 1 and 8 in the library's stacked layout ('decode'), with a buffer
-per layer and per expert ('decode/u', model/layout.py) and the same tensor-parallel over --tp CPU devices, one per
-core by default ('decode/tp', sharding/tp.py) (decode loop on the device, prompt of 32 tokens), prefill
+Reported per preset: decode tokens/s at batch 1 and 8 (decode loop on the device, prompt of 32 tokens), prefill
 tokens/s at 128 and 512 prompt tokens, the bytes of weights one decode step must read (attention, dense MLP,
 router, shared expert and the *distinct* selected experts, LM head) and the achieved bytes/s against this
 machine's matrix-vector read bandwidth, measured in the same run. Medians over --repeats runs after a warm-up.
 
-By default the run holds Linux's wake-up latency request at 0 us (/dev/cpu_dma_latency, model.bench.idle_polling),
+By default the run holds Linux's wake-up latency request at 0 us (/dev/cpu_dma_latency, bench_util.idle_polling),
 so idle cores poll instead of halting while it runs: on a virtual machine a halted core takes tens of
-microseconds to wake, which every collective of the tensor-parallel step pays. The request ends with the run.
+microseconds to wake, which every hand-over between XLA:CPU's threads pays. The request ends with the run.
 `--idle default` leaves the machine's setting; the header says which one the run had.
 """
 
@@ -27,12 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
+from bench_util import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf
 
-from model.bench import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf
 from model.config import get_preset
-from sharding.tp import use_host_devices
 
 
 def main():
@@ -42,13 +40,6 @@ def main():
     ap.add_argument("--prefill-lengths", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layouts", nargs="+", default=["stacked", "unstacked", "tp"],
-                    choices=("stacked", "unstacked", "tp"),
-                    help="weight layouts to decode with: stacked (the library's), unstacked (model/layout.py: a "
-                         "buffer per layer and per expert; rows 'decode/u') and tp (unstacked, tensor-parallel "
-                         "over --tp host devices, sharding/tp.py; rows 'decode/tp')")
-    ap.add_argument("--tp", type=int, default=os.cpu_count() or 1,
-                    help="host devices for the tp layout (default: one per core)")
     ap.add_argument("--idle", choices=("poll", "default"), default="poll",
                     help="poll: hold the wake-up latency request at 0 us for the run, so idle cores poll instead "
                          "of halting (needs write access to /dev/cpu_dma_latency, else the run says so and goes "
@@ -56,8 +47,6 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if "tp" in args.layouts and args.tp > 1:
-        use_host_devices(args.tp)
     if args.idle == "poll":
         with idle_polling() as idle:
             run(args, idle.detail)
@@ -77,8 +66,7 @@ def run(args, idle: str):
         cfg = get_preset(name)
         with tempfile.TemporaryDirectory() as tmp:
             hf = None if args.no_hf else try_hf(cfg, Path(tmp))
-            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter, layouts=args.layouts,
-                              tp=args.tp)
+            ours = bench_ours(cfg, hf.checkpoint if hf else None, args, bandwidth=meter)
             theirs = hf.bench(args) if hf else {}
         for key, tps in ours.items():
             kind, n = key

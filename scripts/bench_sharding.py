@@ -15,31 +15,33 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import median_time
 
-from model.bench import median_time
+from model import ExecutionPlan, shard_cache, shard_params
 from model.cache import init_cache
 from model.config import get_preset
 from model.forward import _decode, _prefill
 from model.params import init
-from sharding import EPMesh, make_mesh, shard_cache, shard_params
+from sharding import make_mesh
 
 
-def run(cfg, params, mesh, batch, steps, repeats):
+def run(cfg, params, plan, batch, steps, repeats):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 32)), jnp.int32)
     lengths = jnp.full((batch,), 32, jnp.int32)
 
     def one():
         cache = init_cache(cfg, batch, 32 + steps + 1)
-        if mesh is not None:
-            cache = shard_cache(cache, mesh)
-        logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, mesh=mesh)
+        if plan.mesh is not None:
+            cache = shard_cache(cache, plan.mesh)
+        logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, plan=plan)
         tok = jnp.argmax(logits, -1).astype(jnp.int32)
         for _ in range(steps):
-            logits, cache = _decode(params, cache, tok, cfg=cfg, mesh=mesh)
+            logits, cache = _decode(params, cache, tok, cfg=cfg, plan=plan)
             tok = jnp.argmax(logits, -1).astype(jnp.int32)
         return tok.block_until_ready()
 
@@ -59,14 +61,14 @@ def main():
     for name in args.presets:
         cfg = get_preset(name)
         params = init(cfg, jax.random.key(0), std="fan_in")
-        base = run(cfg, params, None, args.batch, args.steps, args.repeats)
+        base = run(cfg, params, ExecutionPlan(), args.batch, args.steps, args.repeats)
         rows.append({"preset": name, "mesh": "1 device", "tok_s": base, "vs_1_device": 1.0})
         for spec in ("expert=8", "expert=4,tensor=2"):
             for dispatch in ("psum", "all_to_all"):
-                mesh = EPMesh(make_mesh(spec), dispatch=dispatch)
-                if dispatch == "all_to_all" and args.batch % mesh.shape["expert"]:
+                plan = ExecutionPlan(mesh=make_mesh(spec), dispatch=dispatch)
+                if dispatch == "all_to_all" and args.batch % plan.mesh.shape["expert"]:
                     continue
-                tps = run(cfg, shard_params(params, cfg, mesh), mesh, args.batch, args.steps, args.repeats)
+                tps = run(cfg, shard_params(params, cfg, plan.mesh), plan, args.batch, args.steps, args.repeats)
                 rows.append({"preset": name, "mesh": f"{spec} ({dispatch})", "tok_s": tps, "vs_1_device": tps / base})
     print(f"decode, batch {args.batch}, {args.steps} steps after a 32-token prompt, host loop, median of "
           f"{args.repeats}; 8 emulated devices on {os.cpu_count()} cores (overhead, not speed-up)")

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.cli import BUNDLED_CHECKPOINT, load_any
-from quant.evaluate import DEFAULT_ROWS, HEADER, eval_quant, format_table, plot
+from model.train.quant_eval import DEFAULT_ROWS, HEADER, eval_quant, format_table, plot
 from quant.recipes import get_recipe
 
 

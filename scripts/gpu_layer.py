@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.cache import Cache
 from model.config import R1_671B, RopeScaling
 from model.forward import block
 from model.params import Moe, abstract_params
+from model.plan import ExecutionPlan
 from pallas_kernels import arg_specs
 from pallas_kernels import bench as kb
 
@@ -118,9 +120,12 @@ def layer_rows(dry: bool, meters, repeats: int = 5):
     for fmt in ("bf16", "fp8", "nvfp4"):
         layer = random_layer(cfg, fmt, jax.random.key(0))
         for backend in ("xla", "pallas"):
-            def step(layer, x, pos, cc, cr, decode, backend=backend):
-                y, cc, cr, _ = block(layer, x, pos, cc, cr, cfg, decode=decode, backend=backend)
-                return y, cc, cr
+            plan = ExecutionPlan.build(backend=backend)
+
+            def step(layer, x, pos, cc, cr, decode, plan=plan):
+                cache = Cache(c_kv=cc, k_pe=cr, lengths=pos[:, -1] + 1)
+                y, cache, _ = block(layer, x, cache, pos, None, cfg, plan, "decode" if decode else "prefill")
+                return y, cache.c_kv, cache.k_pe
             dec = jax.jit(lambda *a, step=step: step(*a, decode=True), donate_argnums=(3, 4))
             pre = jax.jit(lambda *a, step=step: step(*a, decode=False), donate_argnums=(3, 4))
             for b in (*batches, "prefill"):
@@ -150,8 +155,8 @@ def model_rows(dry: bool):
     generating on both backends (a dry run: `tiny` on xla, the bundled model on pallas); tokens/s of the whole
     generate call after it has compiled."""
     from model import SMALL, TINY, generate, init
-    from model.checkpoint import load_checkpoint
     from model.cli import BUNDLED_CHECKPOINT
+    from model.io.checkpoint import load_checkpoint
 
     prompt, new = (16, 4) if dry else (128, 64)
     small_cfg = TINY if dry else SMALL.replace(dtype="bfloat16")  # XLA:CPU has no bf16 x bf16 -> f32 dot

@@ -30,8 +30,8 @@ def main():
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from model.config import get_preset
+    from model.memory import compile_decode, format_plan, plan
     from sharding.mesh import make_mesh
-    from sharding.plan import compile_decode, format_plan, plan
 
     cfg = get_preset(args.preset)
     mesh = make_mesh(args.mesh)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import read_meta
 from model.config import Config, get_preset
-from model.hf_checkpoint import CheckpointError
-from model.trainer import train
-from model.training import TrainConfig
+from model.io.checkpoint import read_meta
+from model.io.hf_checkpoint import CheckpointError
+from model.train.trainer import train
+from model.train.training import TrainConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model" / "bundled" / "checkpoint"
 

@@ -1,20 +1,13 @@
-"""Explicit mesh sharding: mesh construction, the logical-to-mesh partition rules, and expert parallelism.
+"""Meshes, the logical-axis rules, and expert parallelism as a wrapper: nothing here knows the model
+(model/placement.py places its parameters and caches by these rules).
 
+    from sharding import make_mesh
     mesh = make_mesh("data=1,expert=8,tensor=1")
-    params = shard_params(params, cfg, mesh)
-    logits, cache = prefill(params, shard_cache(cache, mesh), tokens, lengths, cfg=cfg, mesh=mesh)
 """
 
-from sharding.mesh import AXES, EPMesh, make_mesh, mesh_sizes, parse_mesh_spec
-from sharding.rules import (
-                            DEFAULT_RULES,
-                            ShardingRules,
-                            cache_specs,
-                            check_divisible,
-                            param_specs,
-                            shard_cache,
-                            shard_params,
-)
+from sharding.ep import expert_parallel, resolve_dispatch
+from sharding.mesh import AXES, make_mesh, mesh_sizes, parse_mesh_spec
+from sharding.rules import DEFAULT_RULES, ShardingRules, check_quantized, flat_axes, mesh_size, place_by_specs
 
-__all__ = ["AXES", "EPMesh", "make_mesh", "mesh_sizes", "parse_mesh_spec", "DEFAULT_RULES", "ShardingRules",
-           "cache_specs", "check_divisible", "param_specs", "shard_cache", "shard_params"]
+__all__ = ["AXES", "make_mesh", "mesh_sizes", "parse_mesh_spec", "DEFAULT_RULES", "ShardingRules", "check_quantized",
+           "flat_axes", "mesh_size", "place_by_specs", "expert_parallel", "resolve_dispatch"]

@@ -2,6 +2,7 @@
 
 The three axes are always present (size 1 when unused), so partition rules can name them unconditionally.
 Axes are Auto (GSPMD propagation); expert parallelism is explicit through shard_map (sharding/ep.py).
+A mesh of other axes (jax.make_mesh) works too, with sharding rules that name its axes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
-    sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {**dict.fromkeys(AXES, 1), **spec}
+    """A mesh with the axes data, expert and tensor (size 1 where not given) from "expert=4,tensor=2" or
+    {"expert": 4, "tensor": 2}; unknown axis names and sizes that do not use every device are refused."""
+    if isinstance(spec, str):
+        sizes = parse_mesh_spec(spec)
+    else:
+        unknown = sorted(set(spec) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown mesh axes {unknown} in {spec}; axes are {AXES}")
+        sizes = parse_mesh_spec(",".join(f"{k}={v}" for k, v in spec.items()))
     devices = devices if devices is not None else jax.devices()
     need = math.prod(sizes.values())
     if need != len(devices):
@@ -42,32 +51,3 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
 
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
-
-
-class EPMesh:
-    """A mesh plus the expert-parallel dispatch to use: "psum" (tokens replicated across expert ranks, partial
-    outputs reduced), "all_to_all" (tokens sent to the ranks owning their experts and back), or "auto"
-    (all_to_all when the step's tokens split evenly over the data x expert ranks with at least `a2a_min_tokens`
-    each, psum otherwise; measured in docs/benchmarks.md).
-    Hashable, so it passes as a static argument wherever a mesh does."""
-
-    def __init__(self, mesh, dispatch: str = "auto", a2a_min_tokens: int = 1):
-        if dispatch not in ("auto", "psum", "all_to_all"):
-            raise ValueError(f"dispatch must be 'auto', 'psum' or 'all_to_all', got {dispatch!r}")
-        self.mesh, self.dispatch, self.a2a_min_tokens = mesh, dispatch, a2a_min_tokens
-
-    @property
-    def shape(self):
-        return self.mesh.shape
-
-    def _key(self):
-        return (self.mesh, self.dispatch, self.a2a_min_tokens)
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, EPMesh) and self._key() == other._key()
-
-    def __repr__(self):
-        return f"EPMesh({mesh_sizes(self.mesh)}, dispatch={self.dispatch!r})"

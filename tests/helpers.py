@@ -30,15 +30,19 @@ def fresh_jit_caches():
     jax.clear_caches()
 
 
-def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, mesh=None, per_layer=False):
-    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V].
-    per_layer: the cache as one buffer per layer (model/cache.py), for unstacked params."""
-    from model import decode_step, init_cache, prefill
-    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps + 1, per_layer=per_layer)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg=cfg, all_logits=True, mesh=mesh)
+def teacher_forced_logits(params, cfg, tokens, lengths, steps=3, plan=None, kv_scale=None):
+    """Prefill logits at every position, then `steps` teacher-forced decode steps: [B, T + steps, V]. On the
+    plan's mesh the parameters and the cache are placed by the rules (model.shard_params / shard_cache)."""
+    from model import ExecutionPlan, decode_step, init_cache, prefill, shard_cache, shard_params
+    plan = plan or ExecutionPlan()
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps + 1, kv_scale=kv_scale)
+    if plan.mesh is not None:
+        params = shard_params(params, cfg, plan.mesh, plan.rules)
+        cache = shard_cache(cache, plan.mesh, plan.rules)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg=cfg, all_logits=True, plan=plan)
     out = [np.asarray(logits)]
     for i in range(steps):
-        step, cache = decode_step(params, cache, tokens[:, i], cfg=cfg, mesh=mesh)
+        step, cache = decode_step(params, cache, tokens[:, i], cfg=cfg, plan=plan)
         out.append(np.asarray(step)[:, None])
     return np.concatenate(out, 1)
 

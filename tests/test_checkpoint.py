@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from model import TINY, init_cache, prefill
-from model.checkpoint import load_checkpoint, save_checkpoint
 from model.cli import BUNDLED_CHECKPOINT, load_any
-from model.evaluate import arithmetic_accuracy, expert_load
-from model.hf_checkpoint import CheckpointError
+from model.io.checkpoint import load_checkpoint, save_checkpoint
+from model.io.hf_checkpoint import CheckpointError
+from model.train.evaluate import arithmetic_accuracy, expert_load
 from tests.helpers import random_params
 
 CFG = TINY.replace(num_nextn_predict_layers=1)

@@ -11,7 +11,9 @@ from model.params import param_bytes
 def test_671b_counts_match_the_release():
     c = param_counts(R1_671B)
     assert c["total"] == 671_026_419_200  # HF's own count of the main model
-    assert c["routed_experts"] == 58 * 256 * 3 * 7168 * 2048
+    assert c["routed"] == 58 * 256 * 3 * 7168 * 2048
+    groups = ("attention", "dense_mlp", "shared", "routed", "router", "embedding", "norm")
+    assert sum(c[g] for g in groups) == c["total"]
     assert abs(c["mtp"] - 11.61e9) < 0.01e9
     assert abs(c["activated"] - 37.55e9) < 0.01e9
     assert abs(c["activated_matmul"] - 36.63e9) < 0.01e9

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from model.hf_checkpoint import CheckpointError, dequant_fp8_blocks, load_hf_checkpoint, params_from_tensors
+from model.io.hf_checkpoint import CheckpointError, dequant_fp8_blocks, load_hf_checkpoint, params_from_tensors
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny"
 

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 
 from model.config import TINY
+from model.multihost import launch, reference_run
 from model.params import init
-from sharding.multihost import launch, reference_run
 from tests.tolerances import rel_err
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model import Config, decode_step, generate, init_cache, prefill
-from model.hf_checkpoint import load_hf_checkpoint
+from model.io.hf_checkpoint import load_hf_checkpoint
 from tests.helpers import fresh_jit_caches
 from tests.tolerances import assert_logits_close, rel_err
 

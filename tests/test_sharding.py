@@ -1,17 +1,20 @@
-"""Sharded execution on 8 emulated CPU devices equals the single-device model."""
+"""The model on 8 emulated CPU devices: every parameter split as the rules say, generation on meshes with a data
+axis (odd batch and odd vocabulary padded inside) equal to one device, a non-default rules table, and clear
+refusals. Sharded prefill and decode against one device, for every plan, are in tests/test_plans.py."""
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from model import TINY, decode_step, generate, init_cache, prefill
-from sharding import make_mesh, param_specs, parse_mesh_spec, shard_cache, shard_params
-from tests.helpers import random_params
+from model import TINY, ExecutionPlan, decode_step, generate, init_cache, prefill, shard_cache, shard_params
+from model.placement import padded_vocab, param_specs
+from sharding import ShardingRules, make_mesh, parse_mesh_spec
+from tests.helpers import random_params, teacher_forced_logits
 from tests.tolerances import rel_err
 
 MESHES = ["expert=8", "data=2,expert=4", "expert=4,tensor=2", "data=2,expert=2,tensor=2"]
-CFG = TINY
+CFG = TINY.replace(vocab_size=517)  # no expert x tensor split divides it: the vocabulary is padded on the mesh
 
 
 @pytest.fixture(scope="module")
@@ -19,42 +22,8 @@ def params():
     return random_params(CFG, seed=11)
 
 
-@pytest.fixture(scope="module")
-def reference(params):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CFG.vocab_size, size=(2, 24)).astype(np.int32)
-    lengths = np.array([24, 17])
-    cache = init_cache(CFG, 2, 40)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg=CFG)
-    steps, nxt = [np.asarray(logits)], np.argmax(np.asarray(logits), -1)
-    for _ in range(4):
-        logits, cache = decode_step(params, cache, nxt, cfg=CFG)
-        steps.append(np.asarray(logits))
-        nxt = np.argmax(np.asarray(logits), -1)
-    gen = generate(params, CFG, [tokens[0].tolist(), tokens[1, :17].tolist()], max_new_tokens=8).sequences()
-    return tokens, lengths, steps, gen
-
-
 def test_eight_devices_are_there():
     assert jax.device_count() == 8
-
-
-@pytest.mark.parametrize("spec", MESHES)
-def test_sharded_prefill_decode_and_generate_match_single_device(params, reference, spec):
-    tokens, lengths, want, want_gen = reference
-    mesh = make_mesh(spec)
-    sp = shard_params(params, CFG, mesh)
-    cache = shard_cache(init_cache(CFG, 2, 40), mesh)
-    logits, cache = prefill(sp, cache, tokens, lengths, cfg=CFG, mesh=mesh)
-    got = [np.asarray(logits)]
-    for i in range(4):
-        nxt = np.argmax(want[i], -1)
-        logits, cache = decode_step(sp, cache, nxt, cfg=CFG, mesh=mesh)
-        got.append(np.asarray(logits))
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-5
-    gen = generate(sp, CFG, [tokens[0].tolist(), tokens[1, :17].tolist()], max_new_tokens=8, mesh=mesh).sequences()
-    assert gen == want_gen
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -71,10 +40,37 @@ def test_every_parameter_is_split_as_the_rules_say(params, spec):
             for a in ((axes,) if isinstance(axes, str) else (axes or ())):
                 want[d] //= sizes[a]
         assert list(arr.addressable_shards[0].data.shape) == want, jax.tree_util.keystr(path)
-    # the big tensors really are split (not silently replicated)
+    # the big tensors really are split (not silently replicated), the vocabulary padded to what the mesh divides
     n_dev = 8 // sizes["data"]
     assert sp.moe_layers.ffn.we1.addressable_shards[0].data.size * n_dev == sp.moe_layers.ffn.we1.size
+    assert sp.embed.shape[0] == padded_vocab(CFG, mesh) == -(-517 // n_dev) * n_dev
     assert sp.embed.addressable_shards[0].data.size * n_dev == sp.embed.size
+
+
+@pytest.mark.parametrize("spec", ["data=2,expert=4", "data=2,expert=2,tensor=2"])
+def test_generate_pads_the_batch_and_the_vocabulary(params, spec):
+    """Three prompts on data=2 (padded to four inside) and 517 tokens on every expert x tensor split (padded
+    inside, logits sliced back): the same tokens as one device, never a padded id."""
+    prompts = [list(range(5, 29)), list(range(40, 57)), [7, 8, 9]]
+    sampling = dict(max_new_tokens=8)
+    want = generate(params, CFG, prompts, **sampling).sequences()
+    got = generate(shard_params(params, CFG, make_mesh(spec)), CFG, prompts, mesh=make_mesh(spec), **sampling)
+    assert got.tokens.shape == (3, 8) and got.sequences() == want
+    assert max(max(s) for s in want) < CFG.vocab_size
+
+
+def test_a_non_default_rules_table_gives_the_same_logits(params):
+    """Experts split over all 8 devices (expert x tensor) at full width, attention heads and the vocabulary
+    replicated: another valid table, the same logits."""
+    rules = ShardingRules.from_dict({"experts": ("expert", "tensor"), "expert_ffn": None, "heads": None,
+                                     "vocab": None, "ffn": "tensor", "shared_ffn": None, "batch": "data"})
+    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 24)).astype(np.int32)
+    lengths = np.array([24, 19])
+    want = teacher_forced_logits(params, CFG, tokens, lengths, steps=2)
+    plan = ExecutionPlan(mesh=make_mesh("expert=4,tensor=2"), rules=rules)
+    got = teacher_forced_logits(params, CFG, tokens, lengths, steps=2, plan=plan)
+    assert rel_err(got, want) < 1e-5
+    assert plan.expert_parallel and plan.axes("experts") == ("expert", "tensor")
 
 
 @pytest.mark.parametrize("spec, needle", [
@@ -101,20 +97,18 @@ def test_mesh_spec_errors():
         parse_mesh_spec("pipeline=2")
     with pytest.raises(ValueError, match="needs 16 devices, but 8 are available"):
         make_mesh("expert=16")
+    with pytest.raises(ValueError, match=r"unknown mesh axes \['exprt'\]"):
+        make_mesh({"exprt": 8})  # a misspelt axis in a dict is refused too, not a one-device mesh
+    with pytest.raises(ValueError, match=r"mesh axes \['ep'\] that mesh"):
+        ExecutionPlan(mesh=make_mesh("expert=8"), rules=ShardingRules.from_dict({"experts": "ep"}))
 
 
-@pytest.mark.parametrize("spec", MESHES)
-def test_all_to_all_dispatch_matches_single_device(params, reference, spec):
-    """Prefill with tokens sent to the ranks that own their experts (all_to_all there and back), dropless."""
-    from sharding import EPMesh
-    tokens, lengths, want, _ = reference
-    mesh = make_mesh(spec)
-    ep = EPMesh(mesh, dispatch="all_to_all")
-    sp = shard_params(params, CFG, ep)
-    logits, cache = prefill(sp, shard_cache(init_cache(CFG, 2, 40), ep), tokens, lengths, cfg=CFG, mesh=ep)
-    assert rel_err(logits, want[0]) < 1e-5
-    # "auto" uses all_to_all for the prefill (48 tokens) and psum for the 2-token decode step
-    auto = EPMesh(mesh, dispatch="auto", a2a_min_tokens=4)
-    logits, cache = prefill(sp, shard_cache(init_cache(CFG, 2, 40), auto), tokens, lengths, cfg=CFG, mesh=auto)
-    logits, cache = decode_step(sp, cache, np.argmax(want[0], -1), cfg=CFG, mesh=auto)
-    assert rel_err(logits, want[1]) < 1e-5
+def test_decode_on_a_mesh_places_the_cache_by_the_rules(params):
+    """A sharded cache stays split over the batch axis through a decode step (donated, updated in place)."""
+    mesh = make_mesh("data=2,expert=4")
+    sp = shard_params(params, CFG, mesh)
+    cache = shard_cache(init_cache(CFG, 2, 16), mesh)
+    _, cache = prefill(sp, cache, np.ones((2, 4), np.int32), np.array([4, 3]), cfg=CFG, mesh=mesh)
+    _, cache = decode_step(sp, cache, np.array([1, 2]), cfg=CFG, mesh=mesh)
+    assert cache.c_kv.addressable_shards[0].data.shape[1] == 1  # [L, B/2, S, C]
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 4])

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from model import TINY
-from model.checkpoint import read_meta
-from model.data import Batcher, problems, stdlib_corpus
 from model.forward import forward
-from model.hf_checkpoint import CheckpointError
-from model.tokenizer import ByteTokenizer
-from model.trainer import train
-from model.training import TrainConfig, loss_fn, make_optimizer, segment_positions, train_step, update_router_bias
+from model.io.checkpoint import read_meta
+from model.io.hf_checkpoint import CheckpointError
+from model.io.tokenizer import ByteTokenizer
+from model.plan import ExecutionPlan
+from model.train.data import Batcher, problems, stdlib_corpus
+from model.train.trainer import train
+from model.train.training import TrainConfig, loss_fn, make_optimizer, segment_positions, train_step, update_router_bias
 from tests.helpers import random_params
 
 CFG = TINY.replace(num_nextn_predict_layers=1, bos_token_id=256, eos_token_id=257)
@@ -73,14 +74,29 @@ def test_packed_documents_see_only_themselves():
     segs = jnp.asarray(seg[:1, :-1])
     pos = segment_positions(segs)
     assert int(pos[0, lo]) == 0 and int(pos[0, lo - 1]) == lo - 1
-    packed, _ = forward(p, None, inp, pos, CFG, decode=False, train=True, segments=segs)
+    packed, _, _ = forward(p, None, inp, pos, segs, CFG, ExecutionPlan(), "train")
     alone_tok = jnp.asarray(tokens[:1, lo:hi])
-    alone, _ = forward(p, None, alone_tok, jnp.arange(hi - lo)[None], CFG, decode=False, train=True)
+    alone, _, _ = forward(p, None, alone_tok, jnp.arange(hi - lo)[None], None, CFG, ExecutionPlan(), "train")
     n = min(hi, inp.shape[1]) - lo
     np.testing.assert_allclose(np.asarray(packed[0, lo:lo + n]), np.asarray(alone[0, :n]), rtol=2e-5, atol=2e-5)
     # the twin: without the document mask the second problem sees the first, and differs
-    leaky, _ = forward(p, None, inp, pos, CFG, decode=False, train=True)
+    leaky, _, _ = forward(p, None, inp, pos, None, CFG, ExecutionPlan(), "train")
     assert np.abs(np.asarray(leaky[0, lo:lo + n]) - np.asarray(alone[0, :n])).max() > 1e-2
+
+
+def test_sparse_training_path_equals_the_dense_reference():
+    """Training runs the routed experts on the grouped path, which reads only the experts each token is routed to:
+    the same loss, metrics and gradients as the dense reference (every expert for every token)."""
+    import chex
+    tc = TrainConfig()
+    p = random_params(CFG, seed=4, with_mtp=True)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, size=(2, 33)), jnp.int32)
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnames=("cfg", "tc", "plan"))
+    (sparse, ms), gs = grad(p, tokens, CFG, tc)
+    (dense, md), gd = grad(p, tokens, CFG, tc, plan=ExecutionPlan(experts="dense"))
+    np.testing.assert_allclose(float(sparse), float(dense), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ms["load"]), np.asarray(md["load"]))
+    chex.assert_trees_all_close(gs, gd, rtol=1e-4, atol=1e-6)
 
 
 def test_packed_loss_skips_cross_document_targets():
@@ -148,7 +164,7 @@ def test_worked_answers_are_right_step_by_step():
     """Every step of every worked answer is true arithmetic, and the text after the last '=' is the answer."""
     import re
 
-    from model.data import KINDS, problems
+    from model.train.data import KINDS, problems
     rng = np.random.default_rng(0)
     for p in problems(rng, 400, heldout=False, kinds=KINDS):
         steps = p.worked.split(": ", 1)[1].split(", ")

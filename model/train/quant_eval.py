@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import Config
-from model.data import KINDS, problems, stdlib_corpus
-from model.evaluate import arithmetic_accuracy
 from model.forward import forward, lm_logits
-from quant.calibrate import calibrate
-from quant.recipes import get_recipe, quantize_params, weight_bytes
+from model.plan import ExecutionPlan
+from model.quantize import calibrate, quantize_params
+from model.train.data import KINDS, problems, stdlib_corpus
+from model.train.evaluate import arithmetic_accuracy
+from quant.recipes import get_recipe, weight_bytes
 
 DEFAULT_ROWS = ("bf16", "fp8_w8a8", "nvfp4_w4a16", "nvfp4_w4a4", "mxfp4_w4a4", "nvfp4_search", "r1_fp4",
                 "mxfp4_w4a16")
@@ -39,8 +40,8 @@ def _logprobs(params, tokens, cfg):
     inp = tokens[:, :-1]
     b, t = inp.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = forward(params, None, inp, pos, cfg, decode=False)  # the inference path: grouped experts
-    return jax.nn.log_softmax(lm_logits(params, hidden), -1)
+    hidden, _, _ = forward(params, None, inp, pos, None, cfg, ExecutionPlan(), "prefill")  # grouped experts
+    return jax.nn.log_softmax(lm_logits(params, hidden, cfg), -1)
 
 
 def _rows(text: str, bos: int, chunk: int) -> np.ndarray:
@@ -75,8 +76,8 @@ def eval_quant(params, cfg: Config, tok, *, rows=DEFAULT_ROWS, n_problems: int =
     for name in rows:
         t0 = time.perf_counter()
         r = get_recipe(name)
-        qp = quantize_params(base, r, calib)
-        kv = calib["kv"] if r.kv_fp8 else None
+        qp = quantize_params(base, base_cfg, r, calib)
+        kv = calib.kv if r.kv_fp8 else None
         nats, agree, kl, count = 0.0, 0, 0.0, 0
         first = ref_lp is None  # the first row is the reference of agreement and KL
         ref_lp = [] if first else ref_lp

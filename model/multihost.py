@@ -1,7 +1,7 @@
 """Multi-host (multi-controller) runs on localhost, for tests: N processes, each with its own CPU devices,
 joined by jax.distributed into one global mesh (gloo collectives). The same code runs on N GPU hosts.
 
-    python -m sharding.multihost --processes 2 --devices-per-process 4 --mesh expert=8 --out logits.npy
+    python -m model.multihost --processes 2 --devices-per-process 4 --mesh expert=8 --out logits.npy
 
 Each worker builds the tiny model from the same seed, shards it over the global mesh, runs prefill and two
 greedy decode steps, and process 0 writes the gathered logits.
@@ -15,6 +15,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from model.cache import init_cache
+from model.config import TINY
+from model.forward import decode_step, prefill
+from model.params import init
+from model.placement import shard_cache, shard_params
+from sharding.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +41,7 @@ def launch(n_proc: int, devices_per_process: int, mesh: str, out: Path, seed: in
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    procs = [subprocess.Popen([sys.executable, "-m", "sharding.multihost", "--worker", str(i), "--processes",
+    procs = [subprocess.Popen([sys.executable, "-m", "model.multihost", "--worker", str(i), "--processes",
                                str(n_proc), "--port", str(port), "--mesh", mesh, "--out", str(out), "--seed",
                                str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT) for i in range(n_proc)]
@@ -51,11 +62,6 @@ def launch(n_proc: int, devices_per_process: int, mesh: str, out: Path, seed: in
 
 def reference_run(params, cfg, mesh=None):
     """Prefill + two greedy decode steps on fixed tokens; returns stacked logits [3, B, V] (numpy)."""
-    import numpy as np
-
-    from model import decode_step, init_cache, prefill
-    from sharding import shard_cache
-
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 16)).astype(np.int32)
     cache = init_cache(cfg, 2, 32)
     if mesh is not None:
@@ -72,25 +78,15 @@ def reference_run(params, cfg, mesh=None):
 
 
 def _gather(x):
-    import jax
-    import numpy as np
     if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
 
 def _worker(args):
-    import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
                                process_id=args.worker)
-    import numpy as np
-
-    from model.config import TINY
-    from model.params import init
-    from sharding import make_mesh, shard_params
-
     cfg = TINY
     mesh = make_mesh(args.mesh)
     params = shard_params(init(cfg, jax.random.key(args.seed), std="fan_in"), cfg, mesh)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from model.tokenizer import ByteTokenizer
+from model.io.tokenizer import ByteTokenizer
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
 

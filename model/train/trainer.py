@@ -10,13 +10,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config
-from model.data import Batcher, stdlib_corpus
-from model.hf_checkpoint import CheckpointError
+from model.io.checkpoint import load_checkpoint, save_checkpoint
+from model.io.hf_checkpoint import CheckpointError
+from model.io.tokenizer import ByteTokenizer
 from model.params import init
-from model.tokenizer import ByteTokenizer
-from model.training import TrainConfig, make_optimizer, train_step
+from model.train.data import TRAIN_MIX, Batcher, stdlib_corpus
+from model.train.training import TrainConfig, make_optimizer, train_step
 
 
 def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = False, log=sys.stdout,
@@ -64,7 +64,6 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
                   f"{el:.0f}s", end="\n" if step % (log_every * 10) == 0 or step == tc.steps else "", file=log,
                   flush=True)
     if out is not None:
-        from model.data import TRAIN_MIX
         meta = {"steps": tc.steps, "train_config": dataclasses.asdict(tc), "arithmetic_mix": TRAIN_MIX,
                 "data": corpus.source,
                 "data_sha256": corpus.sha256, "final": history[-1], "jax": jax.__version__}

@@ -1,5 +1,6 @@
-"""Benchmark helpers for scripts/bench_decode.py: our decode/prefill throughput, HF transformers' on the same
-weights, the bytes a decode step must read, and the machine's matrix-vector read bandwidth."""
+"""Benchmark helpers for scripts/bench_decode.py and bench_sharding.py: our decode/prefill throughput, HF
+transformers' on the same weights, the bytes a decode step must read, the machine's matrix-vector read bandwidth,
+and idle cores polling for the run."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.cache import init_cache, to_per_layer
+from model.cache import init_cache
 from model.config import Config
 from model.forward import _prefill, decode_fn, prefill_fn
-from model.layout import unstack_layers
+from model.io.hf_checkpoint import load_hf_checkpoint
 from model.params import init, param_counts
+from model.plan import ExecutionPlan
 from model.sampling import greedy
 
 
@@ -73,10 +75,10 @@ def idle_polling(path: str = CPU_DMA_LATENCY):
     """Holds a wake-up latency request of 0 us (Linux PM QoS, `path`) while the block runs, so idle cores poll
     instead of halting; yields an IdleState.
 
-    Why: every collective of the tensor-parallel step, and every hand-over between threads, puts the thread that
+    Why: every collective of a multi-device step, and every hand-over between threads, puts the thread that
     arrives first to sleep until the other one comes. On a virtual machine a halted core takes tens of
     microseconds to wake (a psum between two devices: about 50 us against 14 us polling, on this project's
-    machine), and the step has 25 of them. Latency tools make the same request (`cyclictest` asks for 0 us by
+    machine). Latency tools make the same request (`cyclictest` asks for 0 us by
     default, `tuned`'s latency-performance profile for 1-3 us; this machine's only idle state but polling exits in
     1 us, so only 0 keeps its cores polling). It lasts only while the file is open: the kernel drops the request
     when it closes, also when the process dies, so nothing of the machine's setting outlives the run. Without
@@ -110,91 +112,53 @@ def decode_bytes_per_step(cfg: Config, batch: int) -> float:
     c = param_counts(cfg)
     item = jnp.dtype(cfg.param_dtype).itemsize
     one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    fixed = c["attention"] + c["dense_mlp"] + c["router"] + c["shared_experts"] + c["lm_head"] + c["final_norm"]
+    fixed = c["total"] - c["routed"] - c["embed"]
     experts = cfg.n_moe_layers * expected_distinct_experts(cfg, batch) * one_expert
     return (fixed + experts + batch * cfg.hidden_size) * item
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps", "mesh"))
-def _decode_loop(params, cache, tok, cfg, steps, mesh=None):
+@partial(jax.jit, static_argnames=("cfg", "steps", "plan"))
+def _decode_loop(params, cache, tok, cfg, steps, plan=ExecutionPlan()):
     def body(_, carry):
         cache, tok = carry
-        logits, cache = decode_fn(params, cache, tok, cfg, mesh=mesh)
+        logits, cache = decode_fn(params, cache, tok, cfg, plan)
         return cache, greedy(logits)
     return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
 
-def tp_mesh(cfg: Config, n: int):
-    """A `tensor=n` mesh over the first n devices, or None with the reason when this config or process cannot
-    run the unstacked layout tensor-parallel n ways."""
-    from sharding.mesh import make_mesh
-    from sharding.tp import check_tp_mesh
-    if jax.device_count() < n:
-        return None, f"{jax.device_count()} device(s) visible, tensor parallelism needs {n}"
-    mesh = make_mesh(f"tensor={n}", devices=jax.devices()[:n])
-    try:
-        check_tp_mesh(cfg, mesh)
-    except ValueError as e:
-        return None, str(e)
-    return mesh, None
-
-
-def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None,
-               layouts=("stacked",), tp: int = 2) -> dict:
-    """tok/s per (kind, size). With `bandwidth`, a bandwidth sample is taken after each timed decode run, and
-    out[("bw", batch)] is the median of those samples. layouts: "stacked" (the library's layout), "unstacked"
-    (model/layout.py; decode only, kinds "decode/u" and "bw/u") and/or "tp" (the unstacked layout
-    tensor-parallel over `tp` host devices, sharding/tp.py; kinds "decode/tp" and "bw/tp")."""
+def bench_ours(cfg: Config, checkpoint: Path | None, args, bandwidth: MatvecBandwidth | None = None) -> dict:
+    """tok/s per (kind, size): prefill at each length, decode at each batch. With `bandwidth`, a bandwidth sample
+    is taken after each timed decode run, and out[("bw", batch)] is the median of those samples."""
     if checkpoint is not None:
-        from model.hf_checkpoint import load_hf_checkpoint
         params, _ = load_hf_checkpoint(checkpoint, cfg)
     else:
         params = init(cfg, jax.random.key(0), std="fan_in")
     rng = np.random.default_rng(0)
     out = {}
-    prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg",))  # no donation: the same empty cache each time
-    for t in args.prefill_lengths:  # first: the unstacked copy below doubles the weights in memory
+    plan = ExecutionPlan()
+    prefill_jit = jax.jit(prefill_fn, static_argnames=("cfg", "plan"))  # no donation: the same empty cache each time
+    for t in args.prefill_lengths:
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(1, t)), jnp.int32)
         cache = init_cache(cfg, 1, t)
+
         def run(cache=cache, toks=toks, t=t):
-            return jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg))
+            return jax.block_until_ready(prefill_jit(params, cache, toks, jnp.array([t]), cfg=cfg, plan=plan))
         out[("prefill", t)] = t / median_time(run, args.repeats)
     prompt = 32
-    flat = unstack_layers(params) if {"unstacked", "tp"} & set(layouts) else None
-    mesh = sharded = None
-    if "tp" in layouts:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from sharding.tp import shard_unstacked
-        mesh, why = tp_mesh(cfg, tp)
-        if mesh is None:
-            print(f"tp layout skipped: {why}")
-        else:
-            sharded = shard_unstacked(flat, cfg, mesh)
-            if "unstacked" not in layouts:
-                flat = None
     for b in args.batches:
         max_len = prompt + args.decode_steps + 1
         toks = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(b, prompt)), jnp.int32)
         lens = jnp.full((b,), prompt, jnp.int32)
-        logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg)
+        logits, cache = _prefill(params, init_cache(cfg, b, max_len), toks, lens, cfg=cfg, plan=plan)
         first = jnp.argmax(logits, -1).astype(jnp.int32)
-        for layout in layouts:
-            p, suffix, m, c = {"stacked": (params, "", None, cache), "unstacked": (flat, "/u", None, None),
-                               "tp": (sharded, "/tp", mesh, None)}[layout]
-            if p is None:
-                continue
-            if layout != "stacked":  # unstacked weights take the cache as one buffer per layer
-                c = to_per_layer(cache)
-            if layout == "tp":  # the latent cache is replicated over the tensor axis
-                c = jax.device_put(c, NamedSharding(mesh, PartitionSpec()))
-            def run(p=p, m=m, c=c, first=first):
-                return jax.block_until_ready(_decode_loop(p, c, first, cfg=cfg, steps=args.decode_steps, mesh=m))
-            n0 = len(bandwidth.samples) if bandwidth is not None else 0
-            out[("decode" + suffix, b)] = b * args.decode_steps / median_time(
-                run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
-            if bandwidth is not None:
-                out[("bw" + suffix, b)] = statistics.median(bandwidth.samples[n0:])
+
+        def run(cache=cache, first=first):
+            return jax.block_until_ready(_decode_loop(params, cache, first, cfg=cfg, steps=args.decode_steps))
+        n0 = len(bandwidth.samples) if bandwidth is not None else 0
+        out[("decode", b)] = b * args.decode_steps / median_time(
+            run, args.repeats, between=None if bandwidth is None else bandwidth.sample)
+        if bandwidth is not None:
+            out[("bw", b)] = statistics.median(bandwidth.samples[n0:])
     return out
 
 

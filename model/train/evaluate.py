@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import Config
-from model.data import KINDS, TextCorpus, problems, stdlib_corpus
 from model.forward import forward, lm_logits
 from model.generate import generate
+from model.plan import ExecutionPlan
+from model.train.data import KINDS, TextCorpus, problems, stdlib_corpus
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -22,8 +23,8 @@ def _score(params, tokens, cfg):
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     b, t = inp.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, (load, _) = forward(params, None, inp, pos, cfg, decode=False, train=True)
-    logp = jax.nn.log_softmax(lm_logits(params, hidden), -1)
+    hidden, _, (load, _) = forward(params, None, inp, pos, None, cfg, ExecutionPlan(), "train")
+    logp = jax.nn.log_softmax(lm_logits(params, hidden, cfg), -1)
     return -jnp.take_along_axis(logp, tgt[..., None], -1).sum(), load
 
 

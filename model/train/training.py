@@ -18,6 +18,7 @@ from model.config import Config
 from model.forward import forward, lm_logits
 from model.mtp import mtp_hidden
 from model.params import Params
+from model.plan import ExecutionPlan
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,10 +57,13 @@ def segment_positions(segments: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
 
 
-def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig, segments=None, weights=None):
+def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig, segments=None, weights=None,
+            plan: ExecutionPlan = ExecutionPlan()):
     """tokens: [B, T+1]. segments: [B, T+1] document ids of packed rows (None: one document per row), weights:
     [B, T+1] loss weight of predicting each token (None: all 1). A target in another document than the token that
-    predicts it is never scored. Returns (loss, metrics with per-layer loads [Lm(+1), E])."""
+    predicts it is never scored. plan: the default runs the routed experts on the differentiable grouped path,
+    which reads only the experts each token is routed to. Returns (loss, metrics with per-layer loads
+    [Lm(+1), E])."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     if weights is None:
         weights = jnp.ones(tokens.shape, jnp.float32)
@@ -69,16 +73,16 @@ def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig, seg
     positions = segment_positions(segments[:, :-1])
     w_main = weights[:, 1:] * (segments[:, 1:] == segments[:, :-1])  # predicting token i+1 from position i
     w_mtp = weights[:, 2:] * (segments[:, 2:] == segments[:, :-2])  # the MTP's token i+2 from position i
-    hidden, (load, balance) = forward(params, None, inp, positions, cfg, decode=False, train=True, segments=seg_in)
-    ce = _ce(lm_logits(params, hidden), tgt, w_main)
+    hidden, _, (load, balance) = forward(params, None, inp, positions, seg_in, cfg, plan, "train")
+    ce = _ce(lm_logits(params, hidden, cfg), tgt, w_main)
     loss = ce + tc.balance_alpha * balance.sum()
     metrics = {"ce": ce, "balance": balance.mean()}
     if params.mtp is not None:
         # position i (< T-1) sees h_i and t_{i+1} = tgt[:, i] and predicts t_{i+2} = tgt[:, i+1]
-        h_mtp, (mload, mbal) = mtp_hidden(params, hidden[:, :-1], tgt[:, :-1], cfg, train=True,
+        h_mtp, (mload, mbal) = mtp_hidden(params, hidden[:, :-1], tgt[:, :-1], cfg, plan, "train",
                                           positions=positions[:, :-1],
                                           segments=None if seg_in is None else seg_in[:, :-1])
-        mtp_ce = _ce(lm_logits(params, h_mtp), tgt[:, 1:], w_mtp)
+        mtp_ce = _ce(lm_logits(params, h_mtp, cfg), tgt[:, 1:], w_mtp)
         loss = loss + tc.mtp_weight * mtp_ce + tc.balance_alpha * mbal
         metrics["mtp_ce"] = mtp_ce
         load = jnp.concatenate([load, mload[None]])

@@ -18,9 +18,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from model.config import Config
-from model.hf_checkpoint import CheckpointError
+from model.io.hf_checkpoint import CheckpointError
 from model.params import Params, abstract_params
 
 FORMAT = 1
@@ -36,8 +37,6 @@ def _hash_files(root: Path) -> dict[str, str]:
 
 def save_checkpoint(path: str | Path, params: Params, cfg: Config, *, tokenizer: dict | None = None,
                     training: dict | None = None, overwrite: bool = False) -> Path:
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -101,14 +100,16 @@ def _path_name(keys) -> str:
     return "." + ".".join(parts)
 
 
-def _check_shapes(path: Path, target: Params) -> None:
-    import orbax.checkpoint as ocp
-
+def _saved_tree(path: Path):
+    """The saved tree's structure with each array's metadata (shape, dtype), nothing read."""
     try:
         meta = ocp.StandardCheckpointer().metadata(path / "params")
     except Exception as e:  # orbax raises many kinds; we say which file and why
         raise CheckpointError(f"{path / 'params'}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from None
-    saved = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "item_metadata", meta)
+
+
+def _check_shapes(path: Path, target: Params, saved) -> None:
     saved_flat = {_path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(
         saved, is_leaf=lambda x: hasattr(x, "shape"))[0]}
     problems = []
@@ -129,8 +130,6 @@ def _check_shapes(path: Path, target: Params) -> None:
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, Config, dict]:
     """Returns (params, config, meta). Raises CheckpointError with a specific message on any mismatch."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()  # orbax reads metadata of relative paths as empty
     meta = read_meta(path)
     try:
@@ -140,6 +139,12 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, C
     if verify:
         verify_manifest(path)
     target = abstract_params(cfg, with_mtp=meta.get("with_mtp", False))
-    _check_shapes(path, target)
-    params = ocp.StandardCheckpointer().restore(path / "params", target)
-    return jax.tree.map(jnp.asarray, params), cfg, meta
+    saved = _saved_tree(path)
+    _check_shapes(path, target, saved)
+    # restored in the saved structure and matched to ours by path: what is not a parameter (None fields) may
+    # differ between the two without breaking older checkpoints
+    restored = ocp.StandardCheckpointer().restore(path / "params", jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved, is_leaf=lambda x: hasattr(x, "shape")))
+    by_name = {_path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    params = jax.tree_util.tree_map_with_path(lambda k, _: jnp.asarray(by_name[_path_name(k)]), target)
+    return params, cfg, meta

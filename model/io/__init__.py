@@ -1,0 +1,1 @@
+"""Checkpoints (ours, and the HF / DeepSeek release layout) and tokenizers."""

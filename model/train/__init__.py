@@ -1,0 +1,1 @@
+"""Training, data and evaluation of the small model trained here (the bundled checkpoint)."""
