@@ -127,7 +127,8 @@ class Config:
 
     @cached_property
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale^2 when YaRN is on (as HF and the config do; see SPEC.md)."""
+        """qk_head_dim^-0.5, times mscale^2 when YaRN is on (as HF's DeepseekV3Attention and DeepSeek's own
+        inference code do)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:

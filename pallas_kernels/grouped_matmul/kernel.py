@@ -42,10 +42,10 @@ from pallas_kernels.common import (
     nibbles,
     word_bytes,
 )
+from quant.formats import FORMATS
 from quant.qarray import is_qarray
 
 NAME = "grouped_matmul"
-SCALE_BLOCK = {"nvfp4": 16, "mxfp4": 32, "fp8": 128}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ class BlockSizes:
         memory (float32 operands need twice bf16's): 2 stages, a halved bk, a halved bm, a halved bn."""
         bs = cls(bm=16 if rows <= 2 * groups else 64, bn=128 if fmt == "fp8" else largest_tile(n, 64),
                  bk=128 if fmt == "fp8" else largest_tile(k, 128))
-        min_bk = 128 if fmt == "fp8" else max(SCALE_BLOCK.get(fmt, 16), 16)
+        min_bk = 128 if fmt == "fp8" else max(FORMATS[fmt].block if fmt in FORMATS else 16, 16)
         min_bn = 128 if fmt == "fp8" else 16
 
         def fits(b):
@@ -92,7 +92,7 @@ def smem_bytes(bs: BlockSizes, *, fmt: str, x_itemsize: int, w_itemsize: int = 2
     elif fmt == "fp8":
         loaded = tile + 4
     else:
-        loaded = tile // 2 + tile // SCALE_BLOCK[fmt]
+        loaded = tile // 2 + tile // FORMATS[fmt].block
     per_stage = bs.bm * bs.bk * x_itemsize + n_weights * loaded
     staged = 0 if fmt == "plain" else n_weights * tile * x_itemsize
     return bs.num_stages * per_stage + staged + bs.bm * bs.bn * 4
@@ -123,7 +123,7 @@ def _weight_tile(kind, refs, e, k0, n0, bk, bn, dtype):
         words = refs[0][e, pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)]  # [bn, bk/2] uint16
         return e4m3_codes(word_bytes(words)).astype(dtype)
     codes_ref, scales_ref = refs[0], refs[1]
-    block = SCALE_BLOCK[kind]
+    block = FORMATS[kind].block
     values = e2m1_value(nibbles(codes_ref[e, pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)]))  # [bn, bk] float32
     sc = scales_ref[e, pl.ds(n0, bn), pl.ds(k0 // block, bk // block)]
     s = sc.astype(F32) if kind == "nvfp4" else e8m0_value(sc)
@@ -184,8 +184,8 @@ def check_shapes(kind: str, k: int, n: int, bs: BlockSizes) -> None:
         raise ValueError(f"{NAME}: K={k} must be a multiple of bk={bs.bk}")
     if n % bs.bn:
         raise ValueError(f"{NAME}: N={n} must be a multiple of bn={bs.bn}")
-    if kind in ("nvfp4", "mxfp4") and bs.bk % SCALE_BLOCK[kind]:
-        raise ValueError(f"{NAME}: bk={bs.bk} must hold whole {kind} scale blocks of {SCALE_BLOCK[kind]}")
+    if kind in ("nvfp4", "mxfp4") and bs.bk % FORMATS[kind].block:
+        raise ValueError(f"{NAME}: bk={bs.bk} must hold whole {kind} scale blocks of {FORMATS[kind].block}")
     if kind == "fp8" and (bs.bk != 128 or bs.bn != 128):
         raise ValueError(f"{NAME}: FP8 weights need bk = bn = 128 (one 128x128 scale tile per step), got "
                          f"bk={bs.bk}, bn={bs.bn}")
