@@ -217,7 +217,20 @@ BUNDLED = Config(
     dtype="float32",
 )
 
-PRESETS = {"r1_671b": R1_671B, "671b": R1_671B, "small": SMALL, "tiny": TINY, "bundled": BUNDLED}
+# The smallest model with R1's head dims (128 / 64 / 128): every rule of the FP8 release's 128x128 tiles happens
+# in it (kv_b_proj's key and value halves on whole tiles, partial edge tiles in the MLPs and the experts). The
+# release-layout fixtures are written in it (scripts/make_release_fixture.py).
+RELEASE_TINY = Config(
+    vocab_size=512, hidden_size=256, intermediate_size=320, moe_intermediate_size=192,
+    num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=192, kv_lora_rank=128,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=4, n_shared_experts=1,
+    num_experts_per_tok=2, n_group=2, topk_group=1,
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=128),
+    max_position_embeddings=512, num_nextn_predict_layers=1, dtype="float32",
+)
+
+PRESETS = {"r1_671b": R1_671B, "671b": R1_671B, "small": SMALL, "tiny": TINY, "bundled": BUNDLED,
+           "release_tiny": RELEASE_TINY}
 
 
 def get_preset(name: str) -> Config:

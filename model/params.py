@@ -44,7 +44,7 @@ class ArrayInfo:
     dtype: Any
     logical_axes: tuple[str | None, ...]
     group: str
-    reduction: str | None = None
+    reduction: str | tuple[str, ...] | None = None  # several: consecutive axes reduced together
     init: str = "normal"  # "normal" (std = initializer_range), "ones" or "zeros"
     fan_in_axes: tuple[str, ...] | None = None  # the matmul's input axes; default: the reduction axis, else the
     # first axis after the stack axes (the embedding table's rows)
@@ -55,13 +55,24 @@ class ArrayInfo:
                              f"{self.logical_axes} name {len(self.logical_axes)}")
         if self.group not in GROUPS:
             raise ValueError(f"ArrayInfo: unknown group {self.group!r}; one of {GROUPS}")
-        if self.reduction is not None and self.reduction not in self.logical_axes:
-            raise ValueError(f"ArrayInfo: reduction axis {self.reduction!r} is not among {self.logical_axes}")
+        red = self.reduction_axes
+        if red and tuple(self.logical_axes[self.logical_axes.index(red[0]):][:len(red)]) != red:
+            raise ValueError(f"ArrayInfo: reduction axes {red} are not consecutive axes of {self.logical_axes}")
+
+    @property
+    def reduction_axes(self) -> tuple[str, ...]:
+        if self.reduction is None:
+            return ()
+        return (self.reduction,) if isinstance(self.reduction, str) else tuple(self.reduction)
+
+    @property
+    def k_ndim(self) -> int:
+        return max(len(self.reduction_axes), 1)
 
     @property
     def k_axis(self) -> int:
         """The reduction axis as a negative index (it stays right when leading stack axes are stripped)."""
-        return self.logical_axes.index(self.reduction) - len(self.shape)
+        return self.logical_axes.index(self.reduction_axes[0]) - len(self.shape)
 
     @property
     def batch_ndim(self) -> int:
@@ -70,7 +81,7 @@ class ArrayInfo:
 
     @property
     def fan_in(self) -> int:
-        axes = self.fan_in_axes or (self.reduction or self.logical_axes[self.batch_ndim],)
+        axes = self.fan_in_axes or self.reduction_axes or (self.logical_axes[self.batch_ndim],)
         return math.prod(n for n, a in zip(self.shape, self.logical_axes) if a in axes)
 
     def stacked(self, n: int) -> ArrayInfo:
@@ -160,8 +171,8 @@ def _attention_infos(cfg: Config) -> Attention:
         # heads lead in wk_b / wv_b: the absorbed einsums batch over heads, and XLA wants batch dims leading
         wk_b=ArrayInfo((n, h, c), dt, ("heads", "qk_nope", "kv_lora"), "attention", "kv_lora"),
         wv_b=ArrayInfo((n, c, v), dt, ("heads", "kv_lora", "v_head"), "attention", "kv_lora"),
-        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), "attention", "v_head",
-                     fan_in_axes=("heads", "v_head")),
+        # reduced over heads x value dims at once, as one matmul (and as DeepSeek's FP8 release quantizes o_proj)
+        wo=ArrayInfo((n, v, d), dt, ("heads", "v_head", "embed"), "attention", ("heads", "v_head")),
     )
 
 

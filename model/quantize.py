@@ -3,7 +3,10 @@ and the post-training calibration that gives W4A4 its static activation scales a
 
 Every parameter declares its group, its reduction axis and its stack axes (model/params.py), so one walk serves
 every recipe: a matrix whose group the recipe names becomes a QArray of the rule's format, quantized along its
-reduction axis, one per-tensor scale per stacked matrix; everything else stays as it is. Two structural rules,
+reduction axis, one per-tensor scale per stacked matrix; everything else stays as it is. A weight loaded already
+quantized (the FP8 release, model/io/hf_checkpoint.py) keeps its own codes where the rule asks for what it is, is
+dequantized and quantized again where the rule asks for another format (R1-FP4's experts from the FP8 release,
+as the published checkpoint was made), and stays as loaded where the recipe names no rule for it. Two structural rules,
 as the published recipe has them: gate and up (w1 / w3, we1 / we3) share one NVFP4 per-tensor weight amax, and
 up takes gate's input scale (they read the same input).
 
@@ -59,7 +62,7 @@ def _leaves(params: Params, cfg: Config):
     """[(path, declaration, array)] over the parameters (with or without the MTP module)."""
     infos = param_infos(cfg, with_mtp=params.mtp is not None)
     decl = {jax.tree_util.keystr(p): i for p, i in jax.tree_util.tree_flatten_with_path(infos, is_leaf=is_info)[0]}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qarray.is_qarray)
     return [(jax.tree_util.keystr(p), decl[jax.tree_util.keystr(p)], x) for p, x in flat], treedef
 
 
@@ -78,17 +81,29 @@ def quantize_params(params: Params, cfg: Config, recipe: str | Recipe, calib: Ca
     for path, info, x in leaves:
         name = _name(path)
         rule = r.rule(info.group, name) if info.group in GROUPS else None
-        if rule is None or info.reduction is None:
-            out.append(x)
+        if rule is None or info.reduction is None or _already(x, rule, r):
+            out.append(x)  # a weight loaded quantized (the FP8 release) keeps its own codes unless a rule differs
             continue
+        x = _plain(x)
         amax = None
         if rule.fmt == "nvfp4" and name in SHARES_AMAX:
-            amax = jnp.maximum(_amax(x, info.batch_ndim), _amax(by_path[_sibling(path, SHARES_AMAX[name])],
+            amax = jnp.maximum(_amax(x, info.batch_ndim), _amax(_plain(by_path[_sibling(path, SHARES_AMAX[name])]),
                                                                 info.batch_ndim))
         scale = inputs.get(_sibling(path, SHARES_INPUT.get(name, name)))
         out.append(r.quantize(x, info.group, name, k_axis=info.k_axis, batch_ndim=info.batch_ndim, amax=amax,
-                              input_scale=scale))
+                              input_scale=scale, k_ndim=info.k_ndim))
     return treedef.unflatten(out)
+
+
+def _plain(x):
+    """A weight loaded quantized as the plain array of its dtype (the model's: BF16 for the release)."""
+    return qarray.dequantize(x) if qarray.is_qarray(x) else x
+
+
+def _already(x, rule, recipe: Recipe) -> bool:
+    """x is a QArray in exactly the rule's format (then requantizing it would only round it again)."""
+    return (qarray.is_qarray(x) and x.fmt == rule.fmt and x.act == (rule.fmt if rule.act else None)
+            and not recipe.search)
 
 
 def _amax(w, batch_ndim: int):
@@ -116,7 +131,10 @@ def calibrate(params: Params, cfg: Config, sequences, *, margin: float = 2.0) ->
         raise ValueError("calibration needs at least one sequence")
     # float32 whatever the serving dtype: amax barely depends on it, and XLA:CPU has no batched bf16 x bf16 -> f32
     # dot for the gather path
-    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    # (weights loaded quantized, the FP8 release, are observed through their dequantized values)
+    params = jax.tree.map(lambda x: qarray.dequantize(x, jnp.float32) if qarray.is_qarray(x) else
+                          x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params,
+                          is_leaf=qarray.is_qarray)
     cfg = dataclasses.replace(cfg, dtype="float32")
     probed, keys = _probed(params.replace(mtp=None), cfg)
     seen: dict[float, float] = {}

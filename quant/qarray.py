@@ -11,7 +11,9 @@ the way a kernel tile wants to read it and the way DeepSeek/HF checkpoints store
     input_scale   float32 [L, E] or None: static activation scale from calibration (W4A4 / W8A8), None = dynamic
 Leading "batch" axes (layers, experts) are the axes before the matrix; `n_out` counts the matrix's output axes,
 `k_axis` is the reduction axis of the logical shape, negative, so both stay true when scan or indexing strips
-leading axes.
+leading axes. A reduction over several consecutive axes (the output projection's heads x value dims, [N, V, D]
+reduced over N*V, as DeepSeek's FP8 release quantizes o_proj) has them flattened into one K, their sizes in
+`k_dims`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class QArray:
     act: str | None = struct.field(pytree_node=False, default=None)
     dtype: str = struct.field(pytree_node=False, default="float32")
     mx_rule: str = struct.field(pytree_node=False, default="ocp")
+    k_dims: tuple[int, ...] = struct.field(pytree_node=False, default=())  # >1 reduction axes: their sizes
+
+    @property
+    def k_ndim(self) -> int:
+        return max(len(self.k_dims), 1)
 
     @property
     def k(self) -> int:
@@ -48,9 +55,9 @@ class QArray:
     @property
     def shape(self) -> tuple[int, ...]:
         """The logical shape (what `dequantize` returns)."""
-        moved = (*self.codes.shape[:-1], self.k)
+        moved = (*self.codes.shape[:-1], *(self.k_dims or (self.k,)))
         nd = len(moved)
-        perm = _moved_perm(nd, self.k_axis)
+        perm = _moved_perm(nd, self.k_axis, self.k_ndim)
         out = [0] * nd
         for i, p in enumerate(perm):
             out[p] = moved[i]
@@ -58,7 +65,7 @@ class QArray:
 
     @property
     def ndim(self) -> int:
-        return self.codes.ndim
+        return self.codes.ndim - 1 + self.k_ndim
 
     @property
     def batch_ndim(self) -> int:
@@ -71,10 +78,12 @@ class QArray:
         return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
-def _moved_perm(nd: int, k_axis: int) -> list[int]:
-    """Logical axis index of each stored axis: the logical axes with k_axis moved last."""
+def _moved_perm(nd: int, k_axis: int, k_ndim: int = 1) -> list[int]:
+    """Logical axis index of each stored axis: the logical axes with the reduction axes (k_ndim of them from
+    k_axis on) moved last, in order."""
     k = k_axis % nd
-    return [i for i in range(nd) if i != k] + [k]
+    ks = list(range(k, k + k_ndim))
+    return [i for i in range(nd) if i not in ks] + ks
 
 
 def is_qarray(x) -> bool:
@@ -111,29 +120,40 @@ def quantizes_activation(w) -> bool:
     return (is_qarray(w) and w.act is not None) or isinstance(w, Probe)
 
 
+def reduction_last(w: jax.Array, k_axis: int, k_ndim: int = 1) -> tuple[jax.Array, tuple[int, ...]]:
+    """w with its reduction axes moved last and flattened into one, and their sizes when there are several."""
+    nd = w.ndim
+    moved = jnp.transpose(w, _moved_perm(nd, k_axis, k_ndim))
+    k_dims = tuple(moved.shape[nd - k_ndim:]) if k_ndim > 1 else ()
+    return moved.reshape(*moved.shape[:nd - k_ndim], -1), k_dims
+
+
 def _batch_amax(w_moved: jax.Array, batch_ndim: int) -> jax.Array:
     return jnp.max(jnp.abs(w_moved.astype(F.F32)), axis=tuple(range(batch_ndim, w_moved.ndim)))
 
 
 def quantize(w: jax.Array, fmt: str, *, k_axis: int = -2, batch_ndim: int = 0, amax: jax.Array | None = None,
              act: str | None = None, input_scale: jax.Array | None = None, mx_rule: str = "ocp",
-             block_scales: jax.Array | None = None) -> QArray:
-    """Quantize a logical weight. k_axis: its reduction axis; batch_ndim: how many leading axes are a stack of
-    independent matrices (layers, experts), each with its own per-tensor scale; amax [batch]: the per-tensor amax
-    to use (gate and up share one); act: the activation format for W4A4/W8A8 (None: weights only)."""
+             block_scales: jax.Array | None = None, k_ndim: int = 1) -> QArray:
+    """Quantize a logical weight. k_axis: its (first) reduction axis, k_ndim consecutive axes reduced together;
+    batch_ndim: how many leading axes are a stack of independent matrices (layers, experts), each with its own
+    per-tensor scale; amax [batch]: the per-tensor amax to use (gate and up share one); act: the activation format
+    for W4A4/W8A8 (None: weights only)."""
     if fmt not in F.FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; one of {tuple(F.FORMATS)}")
     if act not in ACT_FORMATS:
         raise ValueError(f"unknown activation format {act!r}; one of {ACT_FORMATS}")
     nd = w.ndim
-    if not -nd <= k_axis < 0:
-        raise ValueError(f"k_axis must be negative and within the {nd} axes of {w.shape}, got {k_axis}")
-    n_out = nd - batch_ndim - 1
+    if not -nd <= k_axis < 0 or k_axis + k_ndim > 0:
+        raise ValueError(f"k_axis must be negative and its {k_ndim} axes within the {nd} axes of {w.shape}, got "
+                         f"{k_axis}")
+    n_out = nd - batch_ndim - k_ndim
     if n_out < 0 or (k_axis % nd) < batch_ndim:
         raise ValueError(f"shape {w.shape}: the reduction axis {k_axis} lies in the {batch_ndim} batch axes")
-    moved = jnp.moveaxis(w, k_axis, -1).astype(F.F32)
+    moved, k_dims = reduction_last(w.astype(F.F32), k_axis, k_ndim)
     kw = {"fmt": fmt, "k_axis": k_axis, "n_out": n_out, "act": act, "dtype": jnp.dtype(w.dtype).name,
-          "mx_rule": mx_rule, "input_scale": None if input_scale is None else jnp.asarray(input_scale, F.F32)}
+          "mx_rule": mx_rule, "input_scale": None if input_scale is None else jnp.asarray(input_scale, F.F32),
+          "k_dims": k_dims}
     if fmt == "nvfp4":
         amax = _batch_amax(moved, batch_ndim) if amax is None else jnp.asarray(amax, F.F32)
         s_t = F.nvfp4_tensor_scale(amax)
@@ -159,7 +179,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
         codes = F.unpack_bytes(q.codes)
         rows = codes.reshape(*codes.shape[:q.batch_ndim], -1, codes.shape[-1])
         moved = F.fp8_dequantize_2d(rows, q.scales, dtype).reshape(codes.shape)
-    return jnp.moveaxis(moved, -1, q.k_axis)
+    moved = moved.reshape(*moved.shape[:-1], *(q.k_dims or (q.k,)))
+    return jnp.transpose(moved, np.argsort(_moved_perm(moved.ndim, q.k_axis, q.k_ndim)))
 
 
 def weight(w, dtype) -> jax.Array:
@@ -205,6 +226,9 @@ def activation(x: jax.Array, w) -> jax.Array:
         return x
     if not is_qarray(w) or w.act is None:
         return x
+    if w.k_dims:  # the reduction axes, last in x, quantized as one K (as the matmul over them sees it)
+        flat = x.reshape(*x.shape[:x.ndim - len(w.k_dims)], -1)
+        return quantize_activation(flat, w.act, w.input_scale, w.batch_ndim).reshape(x.shape)
     return quantize_activation(x, w.act, w.input_scale, w.batch_ndim)
 
 
@@ -228,14 +252,17 @@ def spec_for(spec, w):
     if not is_qarray(w):
         return spec
     entries = list(spec) + [None] * (w.ndim - len(spec))
-    perm = _moved_perm(w.ndim, w.k_axis)
-    moved = P(*[entries[i] for i in perm])
+    perm = _moved_perm(w.ndim, w.k_axis, w.k_ndim)
+    k_mesh = [a for i in perm[w.ndim - w.k_ndim:] for a in ((entries[i],) if isinstance(entries[i], str)
+                                                            else (entries[i] or ()))]
+    k_entry = None if not k_mesh else k_mesh[0] if len(k_mesh) == 1 else tuple(k_mesh)
+    moved = P(*[entries[i] for i in perm[:w.ndim - w.k_ndim]], k_entry)
     if w.fmt == "fp8":  # 128 x 128 tiles over (flattened output rows, K): rows split by the first output axis
-        out_entries = [entries[i] for i in perm[w.batch_ndim:-1]]
+        out_entries = [entries[i] for i in perm[w.batch_ndim:w.ndim - w.k_ndim]]
         if any(e is not None for e in out_entries[1:]):
             raise ValueError(f"an FP8 weight's tiles flatten its output axes: only the first may be sharded, "
                              f"got {tuple(spec)}")
-        scales = P(*entries[:w.batch_ndim], out_entries[0] if out_entries else None, entries[perm[-1]])
+        scales = P(*entries[:w.batch_ndim], out_entries[0] if out_entries else None, k_entry)
     else:
         scales = moved
     batch = P(*entries[:w.batch_ndim])

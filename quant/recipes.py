@@ -8,14 +8,14 @@ scales come from an MSE search instead of plain amax.
 
 Groups: "attention" (every MLA projection: wq_a, wq_b, wkv_a, wk_b / wv_b, wo; "attention.wo" names wo alone),
 "dense_mlp" (the dense layers' MLPs), "shared" (shared experts), "routed" (routed experts), "mtp" (the MTP
-module's own linears, eh_proj included). Never quantized, in every recipe: the embedding, the LM head, the router
-and its bias, the norms.
+module's own linears; "mtp.eh_proj" names its input projection alone). Never quantized, in every recipe: the
+embedding, the LM head, the router and its bias, the norms.
 
 Named recipes (`RECIPES`); modifiers compose with '+': "+attn", "+attn_o", "+kv_fp8", "+search", "+w4a4" /
 "+w4a16", "+mx_ceil":
     bf16          nothing quantized
-    fp8_w8a8      DeepSeek's FP8 release: every linear of attention, the MLPs and the MTP module in FP8 (128x128
-                  weight tiles, 1x128 dynamic activation blocks)
+    fp8_w8a8      DeepSeek's FP8 release: every linear of attention, the MLPs and the MTP module (but its eh_proj,
+                  BF16 in the release) in FP8 (128x128 weight tiles, 1x128 dynamic activation blocks)
     r1_fp4        the published DeepSeek-R1-FP4: dense MLPs + shared + routed experts in NVFP4 W4A4 (gate and up of
                   each expert sharing one weight amax and one input scale), attention and MTP untouched, FP8 cache
     nvfp4_w4a16   the same linears, weights only        nvfp4_w4a4   weights and activations, BF16 cache
@@ -32,17 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant import formats as F
-from quant.qarray import QArray, quantize
+from quant.qarray import QArray, quantize, reduction_last
 
-GROUPS = ("attention", "attention.wo", "dense_mlp", "shared", "routed", "mtp")
+GROUPS = ("attention", "attention.wo", "dense_mlp", "shared", "routed", "mtp", "mtp.eh_proj")
 R1_GROUPS = ("dense_mlp", "shared", "routed")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """What one group gets: a weight format and whether activations are quantized (in the same format)."""
+    """What one group gets: a weight format (None: left in the model dtype, to override a group's rule for one
+    name) and whether activations are quantized (in the same format)."""
 
-    fmt: str
+    fmt: str | None
     act: bool = False
 
 
@@ -58,7 +59,7 @@ class Recipe:
         for group, rule in self.rules:
             if group not in GROUPS:
                 raise ValueError(f"recipe {self.name!r}: unknown group {group!r}; known: {GROUPS}")
-            if rule.fmt not in F.FORMATS:
+            if rule.fmt is not None and rule.fmt not in F.FORMATS:
                 raise ValueError(f"recipe {self.name!r}: unknown format {rule.fmt!r}; known: {tuple(F.FORMATS)}")
             if self.search and rule.fmt == "fp8":
                 raise ValueError(f"recipe {self.name!r}: scale search is defined for the FP4 formats only")
@@ -66,7 +67,8 @@ class Recipe:
     def rule(self, group: str, name: str = "") -> Rule | None:
         """The rule for a parameter of `group` called `name` (e.g. "wo"), or None: left in the model dtype."""
         table = dict(self.rules)
-        return table.get(f"{group}.{name}", table.get(group))
+        rule = table.get(f"{group}.{name}", table.get(group))
+        return None if rule is None or rule.fmt is None else rule
 
     @property
     def quantizes(self) -> bool:
@@ -78,14 +80,14 @@ class Recipe:
         return self.kv_fp8 or any(r.act and r.fmt == "nvfp4" for _, r in self.rules)
 
     def quantize(self, w, group: str, name: str = "", *, k_axis: int, batch_ndim: int, amax=None,
-                 input_scale=None):
+                 input_scale=None, k_ndim: int = 1):
         """w quantized by this recipe's rule for (group, name), or w itself when the recipe leaves it alone."""
         rule = self.rule(group, name)
         if rule is None:
             return w
         block_scales = None
         if self.search:
-            moved = jnp.moveaxis(w, k_axis, -1)
+            moved, _ = reduction_last(w, k_axis, k_ndim)
             if rule.fmt == "nvfp4":
                 s_t = F.nvfp4_tensor_scale(_amax(w, batch_ndim) if amax is None else amax)
                 block_scales = nvfp4_search_block_scales(moved, s_t.reshape(*s_t.shape,
@@ -94,14 +96,15 @@ class Recipe:
                 block_scales = mxfp4_search_exponents(moved)
         return quantize(w, rule.fmt, k_axis=k_axis, batch_ndim=batch_ndim, amax=amax,
                         act=rule.fmt if rule.act else None, input_scale=input_scale, mx_rule=self.mx_rule,
-                        block_scales=block_scales)
+                        block_scales=block_scales, k_ndim=k_ndim)
 
 
 def _every(groups, fmt: str, act: bool) -> tuple[tuple[str, Rule], ...]:
     return tuple((g, Rule(fmt, act)) for g in groups)
 
 
-FP8_RELEASE = _every(("attention",) + R1_GROUPS + ("mtp",), "fp8", True)
+# the release keeps the MTP module's eh_proj in BF16, like the embedding, the head, the norms and the router
+FP8_RELEASE = _every(("attention",) + R1_GROUPS + ("mtp",), "fp8", True) + (("mtp.eh_proj", Rule(None)),)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("bf16"),
@@ -126,9 +129,9 @@ _MODIFIERS = {
     "attn_o": lambda r: dataclasses.replace(r, rules=r.rules + (("attention.wo", _base_rule(r)),)),
     "kv_fp8": lambda r: dataclasses.replace(r, kv_fp8=True),
     "search": lambda r: dataclasses.replace(r, search=True),
-    "w4a4": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, True if x.fmt != "fp8" else x.act))
+    "w4a4": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, x.act or x.fmt in ("nvfp4", "mxfp4")))
                                                           for g, x in r.rules)),
-    "w4a16": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, False if x.fmt != "fp8" else x.act))
+    "w4a16": lambda r: dataclasses.replace(r, rules=tuple((g, Rule(x.fmt, x.act and x.fmt not in ("nvfp4", "mxfp4")))
                                                            for g, x in r.rules)),
     "mx_ceil": lambda r: dataclasses.replace(r, mx_rule="ceil"),
 }

@@ -221,3 +221,19 @@ def test_qarray_orbax_roundtrip(tmp_path):
         for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(back[k])):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "fp8"])
+def test_reduction_over_two_axes_is_the_flattened_matrix(fmt):
+    """The output projection [L, N, V, D] reduces over N x V at once: the same codes and scales as the flattened
+    [L, N*V, D] matrix, the logical shape kept. The twin reduced over V alone differs for FP8 (its 128-blocks span
+    heads) and NVFP4 (one tensor scale per head); MXFP4's 32-blocks inside V = 64 are the same either way."""
+    w = jnp.asarray(_random((2, 4, 64, 32), 11))
+    q = quantize(w, fmt, k_axis=-3, k_ndim=2, batch_ndim=1)
+    flat = quantize(w.reshape(2, 256, 32), fmt, k_axis=-2, batch_ndim=1)
+    assert q.shape == w.shape and q.k_dims == (4, 64) and q.k == 256
+    np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(flat.codes))
+    np.testing.assert_array_equal(np.asarray(q.scales).view(np.uint8), np.asarray(flat.scales).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(dequantize(flat)).reshape(w.shape))
+    per_v = dequantize(quantize(w, fmt, k_axis=-2, batch_ndim=2))
+    assert np.array_equal(np.asarray(per_v), np.asarray(dequantize(q))) == (fmt == "mxfp4")

@@ -1,0 +1,74 @@
+"""Checkpoints in exactly the layout of DeepSeek's FP8 release, written from parameters: for tests, fixtures and
+benchmarks of the loaders (`scripts/make_release_fixture.py`).
+
+The layout (the DeepSeek-V3 / R1 release): `config.json` with its `quantization_config`; tensors in several
+`model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`; every linear of attention, the MLPs
+and the experts (MTP layer included) in `float8_e4m3fn` [out, in] with a float32 `weight_scale_inv` per 128x128
+block (partial edge blocks where a dimension is not a multiple of 128); the embedding, the LM head, the norms, the
+router and `eh_proj` in BF16, the router's correction bias in float32; the MTP layer at index num_hidden_layers,
+with its own copies of the embedding and the head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from model.config import Config
+from model.io.hf_checkpoint import hf_tensors
+from model.io.safetensors import INDEX, write_safetensors
+from model.params import Params
+from quant.formats import fp8_quantize_2d
+
+BF16_KEPT = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight", "mlp.gate.weight",
+             "eh_proj.weight")
+
+
+def release_config(cfg: Config) -> dict:
+    """config.json as the release writes it."""
+    d = cfg.to_dict()
+    rs = d.pop("rope_scaling")
+    d.pop("dtype")
+    d.update(torch_dtype="bfloat16", architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+             rope_scaling=rs, quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                    "quant_method": "fp8", "weight_block_size": [128, 128]})
+    return d
+
+
+def release_tensors(params: Params, cfg: Config) -> dict[str, np.ndarray]:
+    """{name: array} of the release: FP8 linears with their scales, BF16 (and the float32 router bias) else."""
+    out = {}
+    for name, a in hf_tensors(params, cfg).items():
+        if a.ndim == 2 and not name.endswith(BF16_KEPT):
+            codes, scale = fp8_quantize_2d(jnp.asarray(a, jnp.float32))
+            out[name] = np.asarray(codes)
+            out[name + "_scale_inv"] = np.asarray(scale, np.float32)
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = np.asarray(a, np.float32)
+        else:
+            out[name] = np.asarray(a, ml_dtypes.bfloat16)
+    return out
+
+
+def write_release(path: str | Path, params: Params, cfg: Config, *, shards: int = 3) -> dict[str, np.ndarray]:
+    """Write the release layout of `params` (plain float arrays) into a new directory `path`; returns the tensors
+    written, by name. Layers are spread over `shards` files in order, as the release's are."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    tensors = release_tensors(params, cfg)
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in names[i * per:(i + 1) * per]}
+        write_safetensors(path / file, part, {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(a.nbytes for a in tensors.values())
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(release_config(cfg), indent=2) + "\n")
+    return tensors

@@ -1,0 +1,55 @@
+"""Write a checkpoint in exactly the layout of DeepSeek's FP8 release (config.json with its quantization_config,
+FP8 E4M3 linears with 128x128 `weight_scale_inv` blocks, BF16 embedding / head / norms / router, sharded
+safetensors with their index, the MTP layer at index num_hidden_layers): what the loaders, the converter and the
+tests read in place of the 671B release.
+
+    python scripts/make_release_fixture.py /tmp/release_tiny                  # preset release_tiny, random weights
+    python scripts/make_release_fixture.py /tmp/bundled_fp8 --checkpoint model/bundled/checkpoint
+    python scripts/generate.py --checkpoint /tmp/bundled_fp8                  # the bundled model, loaded as FP8
+
+The directory must not exist yet (nothing is overwritten).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="the directory to create")
+    ap.add_argument("--preset", default="release_tiny", help="the config of random weights (model/config.py)")
+    ap.add_argument("--checkpoint", default=None, help="write this checkpoint of the project's instead")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=3)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        ap.exit(2, f"make_release_fixture: {out} already exists; choose a new directory\n")
+    import jax
+
+    from model.config import get_preset
+    from model.io.checkpoint import load_checkpoint
+    from model.io.errors import CheckpointError
+    from model.io.release import write_release
+    from model.params import init
+
+    try:
+        if args.checkpoint:
+            params, cfg, _ = load_checkpoint(args.checkpoint)
+        else:
+            cfg = get_preset(args.preset)
+            params = init(cfg, jax.random.key(args.seed), std="fan_in", with_mtp=cfg.num_nextn_predict_layers > 0)
+    except (CheckpointError, ValueError) as e:
+        ap.exit(2, f"make_release_fixture: {e}\n")
+    tensors = write_release(out, params, cfg, shards=args.shards)
+    n_fp8 = sum(1 for k in tensors if k.endswith("_scale_inv"))
+    size = sum(a.nbytes for a in tensors.values())
+    print(f"wrote {out}: {len(tensors)} tensors ({n_fp8} FP8 with their scales), {size / 1e6:.1f} MB in "
+          f"{args.shards} shards")
+
+
+if __name__ == "__main__":
+    main()
