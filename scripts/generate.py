@@ -3,6 +3,7 @@
     python scripts/generate.py                                 # the bundled checkpoint, a default prompt
     python scripts/generate.py --prompt "..." --max-new-tokens 64 --temperature 0.6 --top-p 0.95 --seed 1
     python scripts/generate.py --checkpoint DIR                # this project's checkpoint or an HF-layout dir
+    python scripts/generate.py --checkpoint DIR --chat --prompt "..."   # R1's chat format, with DIR's tokenizer
 """
 
 import sys
