@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from functools import partial
@@ -18,32 +19,51 @@ from model.io.checkpoint import load_checkpoint
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from model.io.hf_tokenizer import TokenizerError
 from model.io.tokenizer import tokenizer_for, tokenizer_from_description
+from model.placement import check_divisible, shard_cache, shard_params
 from model.plan import ExecutionPlan
 from model.quantize import calibrate, quantize_params
 from model.sampling import SamplingParams, sample, step_keys
 from model.train.evaluate import evaluate, format_table
 from model.train.quant_eval import calibration_sequences
 from quant.recipes import get_recipe
+from sharding.mesh import make_mesh
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
 
 
-def load_any(path: str | Path, tokenizer: str = "auto"):
-    """(params, cfg, tokenizer) from a checkpoint of this project (meta.json) or an HF-layout directory.
+def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str | None = None):
+    """(params, cfg, tokenizer) from a checkpoint of this project (meta.json: the bundled model, a conversion of
+    the release) or an HF-layout directory (the FP8 release as it is), placed on `mesh` if given (a converted
+    checkpoint is restored straight into its shards).
 
     tokenizer: see model.io.tokenizer.tokenizer_for; "auto" takes the one the checkpoint was saved with, or an HF
-    directory's own tokenizer.json."""
+    directory's own tokenizer.json. dtype: the compute dtype of an HF directory (a conversion fixed its own)."""
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
         if not path.exists():
             raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-        params, cfg, meta = load_checkpoint(path)
-        if tokenizer == "auto":
+        params, cfg, meta = load_checkpoint(path, mesh=mesh)
+        if dtype is not None and dtype != cfg.dtype:
+            raise CheckpointError(f"{path} holds {cfg.dtype} weights, fixed when it was written; convert the release "
+                                  f"again with --dtype {dtype}")
+        if tokenizer == "auto" and meta.get("tokenizer"):
             return params, cfg, tokenizer_from_description(meta["tokenizer"], path)
-        return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size)
-    params, cfg = load_hf_checkpoint(path)
+        return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
+    params, cfg = load_hf_checkpoint(path, dtype=dtype)
+    if mesh is not None:
+        params = shard_params(params, cfg, mesh)
     return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
+
+
+def _report_to_stderr() -> None:
+    """The library's own reports (host memory a load holds, ...) as bracketed lines on stderr."""
+    log = logging.getLogger("r1jax")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 @partial(jax.jit, static_argnames=("sp",))
@@ -63,6 +83,8 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
     ids: list[int] = []
     t0 = time.perf_counter()
     cache = init_cache(cfg, 1, max_len, kv_scale=kv_scale)
+    if plan.mesh is not None:
+        cache = shard_cache(cache, plan.mesh, plan.rules)
     logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, plan=plan)
     tok = _sample_one(logits, jnp.int32(0), sp=sampling)
     ids.append(int(tok[0]))
@@ -94,6 +116,9 @@ def generate_main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe", default="bf16", help="quantization recipe, e.g. r1_fp4, nvfp4_w4a16, fp8_w8a8, "
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
+    ap.add_argument("--mesh", default=None, help="run on a device mesh, e.g. expert=8 (a converted checkpoint is "
+                    "restored straight into its shards)")
+    ap.add_argument("--dtype", default=None, help="compute dtype for an HF-layout directory (default: its config's)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
     args = ap.parse_args(argv)
@@ -104,9 +129,15 @@ def generate_main(argv=None):
     if args.max_new_tokens < 0:
         ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    _report_to_stderr()
     try:
-        params, cfg, tok = load_any(args.checkpoint, args.tokenizer)
-    except (CheckpointError, TokenizerError) as e:
+        mesh = make_mesh(args.mesh) if args.mesh else None
+        # a recipe applied here quantizes on the host first, then places the result
+        later = mesh is not None and (recipe.quantizes or recipe.kv_fp8)
+        params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if later else mesh, dtype=args.dtype)
+        if mesh is not None:
+            check_divisible(cfg, mesh, batch=1)
+    except (CheckpointError, TokenizerError, ValueError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     prompt_ids = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, add_bos=True)
     check_tokens(cfg, tok.check_ids(prompt_ids, "prompt token ids"), "prompt token ids")
@@ -121,7 +152,9 @@ def generate_main(argv=None):
         calib = calibrate(params, cfg, calibration_sequences(tok)) if recipe.static_activation_scales else None
         kv_scale = calib.kv if recipe.kv_fp8 else None
         params = quantize_params(params, cfg, recipe, calib)
-    plan = ExecutionPlan.build(backend=args.backend)
+        if mesh is not None:
+            params = shard_params(params, cfg, mesh)
+    plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()

@@ -42,26 +42,69 @@ def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
 
 
+def stored_arrays(cfg: Config, mesh, recipe, rules: ShardingRules = ShardingRules()):
+    """(leaf path, component, stored array as a ShapeDtypeStruct, its per-device shard shape) for every array the
+    recipe stores (QArray codes, scales and scalars one by one)."""
+    check_divisible(cfg, mesh, rules)
+    with_mtp = cfg.num_nextn_predict_layers > 0
+    tree = quantized_abstract(cfg, recipe)
+    infos = jax.tree_util.tree_flatten_with_path(param_infos(cfg, with_mtp=with_mtp), is_leaf=is_info)[0]
+    specs = jax.tree.leaves(param_specs(cfg, rules, with_mtp=with_mtp), is_leaf=lambda s: isinstance(s, P))
+    leaves = jax.tree.leaves(tree, is_leaf=is_qarray)
+    for (path, info), spec, leaf in zip(infos, specs, leaves):
+        name = jax.tree_util.keystr(path)
+        comp = "mtp" if name.startswith(".mtp") else info.group
+        arr_specs = jax.tree.leaves(spec_for(spec, leaf), is_leaf=lambda s: isinstance(s, P))
+        for a, s in zip(jax.tree.leaves(leaf), arr_specs):
+            yield name, comp, a, NamedSharding(mesh, s).shard_shape(a.shape)
+
+
+def restore_plan(cfg: Config, mesh, *, recipe: str = "fp8_w8a8", disk_gb_s: float = 2.0,
+                 rules: ShardingRules = ShardingRules()) -> dict:
+    """Restoring a converted (layered) checkpoint onto the mesh: what each device reads, what all read together
+    (an array replicated over k devices is read k times), the time at a disk bandwidth, and the device peak
+    during the restore (its weights plus one layer's shard, model/io/layered.py)."""
+    r = get_recipe(recipe)
+    n_dev = mesh.devices.size
+    layers = {"dense_layers": cfg.first_k_dense_replace,
+              "moe_layers": cfg.num_hidden_layers - cfg.first_k_dense_replace}
+    per_device = on_disk = 0
+    per_layer = dict.fromkeys(layers, 0.0)
+    for path, _, a, shard in stored_arrays(cfg, mesh, r, rules):
+        b = _nbytes(shard, a.dtype)
+        per_device += b
+        on_disk += _nbytes(a.shape, a.dtype)
+        stack = path[1:].partition(".")[0]
+        if stack in layers:
+            per_layer[stack] += b / layers[stack]
+    read = per_device * n_dev
+    return {"recipe": r.name, "mesh": mesh_sizes(mesh), "on_disk": on_disk, "read_per_device": per_device,
+            "read_total": read, "disk_gb_s": disk_gb_s, "seconds": read / (disk_gb_s * 1e9),
+            "layer_per_device": max(per_layer.values()), "device_peak": per_device + max(per_layer.values())}
+
+
+def format_restore(p: dict) -> str:
+    gb = 1e9
+    return "\n".join([
+        f"restore of a converted checkpoint ({p['recipe']}) onto {p['mesh']}, each device reading its own shards:",
+        f"  on disk          {p['on_disk'] / gb:10.1f} GB",
+        f"  read per device  {p['read_per_device'] / gb:10.1f} GB",
+        f"  read in all      {p['read_total'] / gb:10.1f} GB   (replicated arrays read once per device)",
+        f"  time             {p['seconds']:10.0f} s    at {p['disk_gb_s']:g} GB/s from disk",
+        f"  device peak      {p['device_peak'] / gb:10.1f} GB   (weights + one layer's shard, "
+        f"{p['layer_per_device'] / gb:.2f} GB)"])
+
+
 def plan(cfg: Config, mesh, *, recipe: str = "fp8_w8a8", device_memory_gb: float = 80.0,
          reserve_frac: float = 0.08, rules: ShardingRules = ShardingRules()) -> dict:
     """Per-device bytes by component (the largest shard; all devices hold equal shards under these rules)."""
     r = get_recipe(recipe)  # unknown names raise here, naming the registry
-    check_divisible(cfg, mesh, rules)
-    with_mtp = cfg.num_nextn_predict_layers > 0
-    tree = quantized_abstract(cfg, r)
-    infos = jax.tree_util.tree_flatten_with_path(param_infos(cfg, with_mtp=with_mtp), is_leaf=is_info)[0]
-    specs = jax.tree.leaves(param_specs(cfg, rules, with_mtp=with_mtp), is_leaf=lambda s: isinstance(s, P))
-    leaves = jax.tree.leaves(tree, is_leaf=is_qarray)
     per_component = dict.fromkeys(COMPONENTS, 0.0)
     total = mtp = 0.0
-    for (path, info), spec, leaf in zip(infos, specs, leaves):
-        comp = "mtp" if jax.tree_util.keystr(path).startswith(".mtp") else info.group
-        arrays = jax.tree.leaves(leaf)
-        arr_specs = jax.tree.leaves(spec_for(spec, leaf), is_leaf=lambda s: isinstance(s, P))
-        for a, s in zip(arrays, arr_specs):
-            per_component[comp] += _nbytes(NamedSharding(mesh, s).shard_shape(a.shape), a.dtype)
-            total += _nbytes(a.shape, a.dtype)
-            mtp += _nbytes(a.shape, a.dtype) if comp == "mtp" else 0
+    for _, comp, a, shard in stored_arrays(cfg, mesh, r, rules):
+        per_component[comp] += _nbytes(shard, a.dtype)
+        total += _nbytes(a.shape, a.dtype)
+        mtp += _nbytes(a.shape, a.dtype) if comp == "mtp" else 0
     weights = sum(per_component.values())
     free = device_memory_gb * 1e9 * (1 - reserve_frac) - weights
     sizes = mesh_sizes(mesh)

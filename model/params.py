@@ -200,6 +200,13 @@ def _layer_infos(cfg: Config, moe: bool) -> Layer:
     return Layer(attn_norm=_norm(d, dt), attn=_attention_infos(cfg), ffn_norm=_norm(d, dt), ffn=ffn)
 
 
+def unstacked(tree):
+    """The declarations of one slice of a stack (the leading axis dropped): a layer of the stacked layers, one
+    expert of an expert stack."""
+    return jax.tree.map(lambda i: dataclasses.replace(i, shape=i.shape[1:], logical_axes=i.logical_axes[1:]), tree,
+                        is_leaf=is_info)
+
+
 def _stack(tree, n: int):
     return jax.tree.map(lambda i: i.stacked(n), tree, is_leaf=is_info)
 

@@ -20,6 +20,7 @@ amax saturates the block scales at run time, over-estimating it costs almost not
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,13 @@ def _sibling(path: str, name: str) -> str:
 
 def _leaves(params: Params, cfg: Config):
     """[(path, declaration, array)] over the parameters (with or without the MTP module)."""
-    infos = param_infos(cfg, with_mtp=params.mtp is not None)
+    return _leaves_of(params, param_infos(cfg, with_mtp=params.mtp is not None))
+
+
+def _leaves_of(tree, infos):
+    """[(path, declaration, array)] over any part of the parameters and its declarations (same structure)."""
     decl = {jax.tree_util.keystr(p): i for p, i in jax.tree_util.tree_flatten_with_path(infos, is_leaf=is_info)[0]}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qarray.is_qarray)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=qarray.is_qarray)
     return [(jax.tree_util.keystr(p), decl[jax.tree_util.keystr(p)], x) for p, x in flat], treedef
 
 
@@ -71,12 +76,20 @@ def quantize_params(params: Params, cfg: Config, recipe: str | Recipe, calib: Ca
 
     calib: from `calibrate`, for static per-tensor activation scales (NVFP4 W4A4 needs them; without them the
     per-tensor activation scale is computed at run time from each activation's own amax)."""
+    return quantize_tree(params, param_infos(cfg, with_mtp=params.mtp is not None), recipe,
+                         calib.inputs if calib is not None else {})
+
+
+def quantize_tree(tree, infos, recipe: str | Recipe, inputs: dict | None = None):
+    """quantize_params on any part of the parameters with its declarations: one layer (a conversion quantizes
+    layer by layer; every scale is per matrix, so the result is the whole model's, sliced). inputs: static input
+    scales by path within `tree`."""
     r = get_recipe(recipe)
     if not r.quantizes:
-        return params
-    leaves, treedef = _leaves(params, cfg)
+        return tree
+    leaves, treedef = _leaves_of(tree, infos)
     by_path = {path: x for path, _, x in leaves}
-    inputs = calib.inputs if calib is not None else {}
+    inputs = inputs or {}
     out = []
     for path, info, x in leaves:
         name = _name(path)
@@ -90,9 +103,23 @@ def quantize_params(params: Params, cfg: Config, recipe: str | Recipe, calib: Ca
             amax = jnp.maximum(_amax(x, info.batch_ndim), _amax(_plain(by_path[_sibling(path, SHARES_AMAX[name])]),
                                                                 info.batch_ndim))
         scale = inputs.get(_sibling(path, SHARES_INPUT.get(name, name)))
-        out.append(r.quantize(x, info.group, name, k_axis=info.k_axis, batch_ndim=info.batch_ndim, amax=amax,
-                              input_scale=scale, k_ndim=info.k_ndim))
+        out.append(_quantize_one(x, amax, scale, recipe=r, group=info.group, name=name, k_axis=info.k_axis,
+                                 batch_ndim=info.batch_ndim, k_ndim=info.k_ndim))
     return treedef.unflatten(out)
+
+
+# One compiled program per weight shape: op by op, the quantizer's few dozen operations would each compile for
+# every shape (seconds per model on CPU, the same values).
+@partial(jax.jit, static_argnames=("recipe", "group", "name", "k_axis", "batch_ndim", "k_ndim"))
+def _quantize_one(x, amax, input_scale, *, recipe: Recipe, group: str, name: str, k_axis: int, batch_ndim: int,
+                  k_ndim: int):
+    return recipe.quantize(x, group, name, k_axis=k_axis, batch_ndim=batch_ndim, amax=amax, input_scale=input_scale,
+                           k_ndim=k_ndim)
+
+
+def dequantize_all(tree):
+    """Every QArray of a tree as the plain array of its dtype (the FP8 release as BF16 weights)."""
+    return jax.tree.map(_plain, tree, is_leaf=qarray.is_qarray)
 
 
 def _plain(x):

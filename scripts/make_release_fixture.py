@@ -4,6 +4,7 @@ safetensors with their index, the MTP layer at index num_hidden_layers): what th
 tests read in place of the 671B release.
 
     python scripts/make_release_fixture.py /tmp/release_tiny                  # preset release_tiny, random weights
+    python scripts/make_release_fixture.py /tmp/big --preset small            # any size: written layer by layer
     python scripts/make_release_fixture.py /tmp/bundled_fp8 --checkpoint model/bundled/checkpoint
     python scripts/generate.py --checkpoint /tmp/bundled_fp8                  # the bundled model, loaded as FP8
 
@@ -23,32 +24,31 @@ def main(argv=None):
     ap.add_argument("--preset", default="release_tiny", help="the config of random weights (model/config.py)")
     ap.add_argument("--checkpoint", default=None, help="write this checkpoint of the project's instead")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=3, help="shards of --checkpoint's tensors (random weights: one "
+                    "shard per layer, as the release)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         ap.exit(2, f"make_release_fixture: {out} already exists; choose a new directory\n")
-    import jax
-
     from model.config import get_preset
     from model.io.checkpoint import load_checkpoint
     from model.io.errors import CheckpointError
-    from model.io.release import write_release
-    from model.params import init
+    from model.io.release import write_random_release, write_release
 
     try:
         if args.checkpoint:
             params, cfg, _ = load_checkpoint(args.checkpoint)
         else:
             cfg = get_preset(args.preset)
-            params = init(cfg, jax.random.key(args.seed), std="fan_in", with_mtp=cfg.num_nextn_predict_layers > 0)
     except (CheckpointError, ValueError) as e:
         ap.exit(2, f"make_release_fixture: {e}\n")
-    tensors = write_release(out, params, cfg, shards=args.shards)
-    n_fp8 = sum(1 for k in tensors if k.endswith("_scale_inv"))
-    size = sum(a.nbytes for a in tensors.values())
-    print(f"wrote {out}: {len(tensors)} tensors ({n_fp8} FP8 with their scales), {size / 1e6:.1f} MB in "
-          f"{args.shards} shards")
+    if args.checkpoint:
+        tensors = write_release(out, params, cfg, shards=args.shards)
+        n, size, shards = len(tensors), sum(a.nbytes for a in tensors.values()), args.shards
+    else:
+        info = write_random_release(out, cfg, seed=args.seed)
+        n, size, shards = info["tensors"], info["bytes"], info["shards"]
+    print(f"wrote {out}: {n} tensors, {size / 1e6:.1f} MB in {shards} shards")
 
 
 if __name__ == "__main__":

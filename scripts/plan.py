@@ -3,6 +3,7 @@
     python scripts/plan.py                                          # 671B, the FP8 release, 8 devices of 80 GB
     python scripts/plan.py --recipe r1_fp4 --mesh expert=8 --memory-gb 180
     python scripts/plan.py --compile                                # also compile the 61-layer decode step
+    python scripts/plan.py --restore --disk-gbps 2                  # restoring a converted checkpoint: bytes, time
 """
 
 import argparse
@@ -20,6 +21,9 @@ def main():
     ap.add_argument("--recipe", default="fp8_w8a8", help="a recipe of quant/recipes.py, modifiers included")
     ap.add_argument("--memory-gb", type=float, default=80.0)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--restore", action="store_true",
+                    help="also plan restoring a converted checkpoint onto the mesh (bytes per device, time)")
+    ap.add_argument("--disk-gbps", type=float, default=2.0, help="disk read bandwidth for --restore, GB/s")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=4096)
     args = ap.parse_args()
@@ -30,12 +34,14 @@ def main():
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from model.config import get_preset
-    from model.memory import compile_decode, format_plan, plan
+    from model.memory import compile_decode, format_plan, format_restore, plan, restore_plan
     from sharding.mesh import make_mesh
 
     cfg = get_preset(args.preset)
     mesh = make_mesh(args.mesh)
     print(format_plan(plan(cfg, mesh, recipe=args.recipe, device_memory_gb=args.memory_gb), cfg))
+    if args.restore:
+        print("\n" + format_restore(restore_plan(cfg, mesh, recipe=args.recipe, disk_gb_s=args.disk_gbps)))
     if args.compile:
         mem, collectives, secs = compile_decode(cfg.replace(num_nextn_predict_layers=0), mesh, batch=args.batch,
                                                 max_len=args.max_len)

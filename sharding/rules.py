@@ -109,16 +109,23 @@ def check_quantized(name: str, w, spec: P, mesh) -> None:
                                  f"{axes} of size {size} along dim {dim}: shards must hold whole scale blocks")
 
 
-def place_by_specs(tree, specs, mesh):
-    """Place each array of `tree` by its spec in `specs` (same structure, PartitionSpec leaves); quantized weights
-    (quant.QArray) place their codes, scales and per-tensor scalars by the logical weight's spec
-    (quant.qarray.spec_for), refusing splits that cut scale blocks."""
+def shardings_by_specs(tree, specs, mesh):
+    """The NamedSharding of each array of `tree` (arrays or ShapeDtypeStructs) from its spec in `specs` (same
+    structure, PartitionSpec leaves); quantized weights (quant.QArray) get a QArray of shardings for their codes,
+    scales and per-tensor scalars from the logical weight's spec (quant.qarray.spec_for), and splits that cut
+    scale blocks are refused."""
 
-    def place(path, s, x):
+    def one(path, s, x):
         if is_qarray(x):
             check_quantized(jax.tree_util.keystr(path), x, s, mesh)
-            return jax.tree.map(lambda a, sa: _place(a, NamedSharding(mesh, sa)), x, spec_for(s, x))
-        return _place(x, NamedSharding(mesh, s))
-    return jax.tree_util.tree_map_with_path(place, specs, tree, is_leaf=lambda s: isinstance(s, P))
+            return jax.tree.map(lambda sa: NamedSharding(mesh, sa), spec_for(s, x),
+                                is_leaf=lambda v: isinstance(v, P))
+        return NamedSharding(mesh, s)
+    return jax.tree_util.tree_map_with_path(one, specs, tree, is_leaf=lambda s: isinstance(s, P))
+
+
+def place_by_specs(tree, specs, mesh):
+    """Place each array of `tree` by its spec in `specs` (shardings_by_specs)."""
+    return jax.tree.map(_place, tree, shardings_by_specs(tree, specs, mesh))
 
 

@@ -12,6 +12,19 @@ jax.config.update("jax_enable_x64", False)
 
 
 
+@pytest.fixture(scope="session")
+def release(tmp_path_factory):
+    """A checkpoint in exactly the layout of DeepSeek's FP8 release (preset release_tiny, with MTP): (directory,
+    the tensors written by name). Shared by the loader and conversion tests."""
+    from model import init
+    from model.config import RELEASE_TINY
+    from model.io.release import write_release
+
+    path = tmp_path_factory.mktemp("release") / "r1"
+    params = init(RELEASE_TINY, jax.random.key(0), std="fan_in", with_mtp=True)
+    return path, write_release(path, params, RELEASE_TINY)
+
+
 # ---- DeepSeek-V3's sizes for one layer, as abstract arrays (nothing allocated): kernel lowering and inspection --
 
 @pytest.fixture(scope="session")

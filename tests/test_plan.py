@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from model import R1_671B, TINY, quantize_params
-from model.memory import compile_decode, plan
+from model.memory import compile_decode, format_restore, plan, restore_plan
 from quant import RECIPES, get_recipe, weight_bytes
 from sharding import make_mesh
 from tests.helpers import random_params
@@ -43,6 +43,21 @@ def test_planned_bytes_equal_the_quantized_tree(recipe):
     routed = weight_bytes((quantized.moe_layers.ffn.we1, quantized.moe_layers.ffn.we3, quantized.moe_layers.ffn.we2))
     assert p["per_device"]["routed"] == routed / 8
     assert get_recipe(recipe).quantizes == (p["weights_total"] < weight_bytes(params))
+
+
+def test_671b_restore_plan():
+    """Restoring the converted FP8 release onto 8 devices: each reads its own shards (the plan's weights per
+    device); replicated arrays are read once per device; the time is the bytes over the disk bandwidth; the
+    device peak is the weights plus one MoE layer's shard (its 1/58 of the stack, the experts split 8 ways)."""
+    mesh = make_mesh("expert=8")
+    fp8 = plan(R1_671B, mesh, recipe="fp8_w8a8", device_memory_gb=141)
+    r = restore_plan(R1_671B, mesh, recipe="fp8_w8a8", disk_gb_s=2.0)
+    assert r["on_disk"] == fp8["weights_total"] and r["read_per_device"] == fp8["weights_per_device"]
+    assert r["read_total"] == 8 * r["read_per_device"] and r["seconds"] == pytest.approx(r["read_total"] / 2e9)
+    routed = fp8["per_device"]["routed"] / 58
+    assert routed < r["layer_per_device"] < 1.1 * routed + fp8["per_device"]["attention"] / 61
+    assert r["device_peak"] == r["read_per_device"] + r["layer_per_device"]
+    assert "read per device" in format_restore(r)
 
 
 def test_plan_rejects_unknown_recipe_and_bad_mesh():

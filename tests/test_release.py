@@ -13,23 +13,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from model import generate, init, init_cache, prefill, quantize_params
+from model import generate, init_cache, prefill, quantize_params
 from model.config import RELEASE_TINY
 from model.io.errors import CheckpointError
 from model.io.hf_checkpoint import dequant_fp8_blocks, hf_tensors, load_hf_checkpoint, params_from_tensors
-from model.io.release import write_release
 from model.io.safetensors import INDEX, SafetensorsFile, TensorDirectory, write_safetensors
 from quant.qarray import dequantize, is_qarray
 
 CFG = RELEASE_TINY
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """(directory, the tensors written by name)."""
-    path = tmp_path_factory.mktemp("release") / "r1"
-    params = init(CFG, jax.random.key(0), std="fan_in", with_mtp=True)
-    return path, write_release(path, params, CFG)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +170,15 @@ def test_damaged_files_are_named(release, tmp_path):
     with pytest.raises(CheckpointError, match=r"quantization_config \{'weight_block_size': \[64, 64\]\}"):
         load_hf_checkpoint(bad)
     # a config that disagrees with the tensors: every misshapen tensor is reported against the config's shape
-    with pytest.raises(CheckpointError, match=r"misshapen tensor\(s\): model.layers.0.input_layernorm.weight has "
-                                              r"shape \(256,\), which does not give the config's \(384,\)"):
+    with pytest.raises(CheckpointError, match=r"57 misshapen tensor\(s\): model.embed_tokens.weight has shape "
+                                              r"\(512, 256\), which does not give the config's \(512, 384\)"):
         load_hf_checkpoint(src, CFG.replace(hidden_size=384))
+
+
+def test_host_memory_is_stated(release, caplog):
+    with caplog.at_level("INFO", logger="r1jax.io"):
+        load_hf_checkpoint(release[0], dtype="float32", max_host_bytes=10**12)
+    assert re.search(r"loading holds about [\d.]+ GB of host memory \(1000.0 GB available\)", caplog.text)
 
 
 def test_host_memory_is_checked_before_reading(release, monkeypatch):

@@ -1,15 +1,17 @@
 """Checkpoints of this project: orbax-checkpoint arrays plus a JSON sidecar (config, tokenizer, training
 metadata) and a manifest of SHA-256 hashes, verified on load.
 
-Layout: DIR/params/ (orbax), DIR/meta.json, DIR/manifest.json. Saving writes to DIR.tmp-* and renames, so an
-existing checkpoint is never half-overwritten; an existing DIR is refused unless overwrite=True. Loading checks,
+Two formats. Format 1 (this module's save_checkpoint; the bundled model): DIR/params/ (one orbax item),
+DIR/meta.json, DIR/manifest.json. Format 2 (model/io/layered.py; conversions of the release): one orbax item per
+layer, restored straight onto a mesh. `load_checkpoint` reads both, and places either on a mesh when given one.
+Saving writes to DIR.tmp-* and renames, so an existing checkpoint is never half-overwritten; an existing DIR is
+refused unless overwrite=True. Loading checks,
 in order: the directory, the sidecar, the hashes, then every tensor's shape and dtype against the config, each
 with a message that names the problem, before any array is read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,18 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from model.config import Config
-from model.io.hf_checkpoint import CheckpointError
+from model.io import layered
+from model.io.errors import CheckpointError
 from model.params import Params, abstract_params
+from model.placement import shard_params
+from sharding.rules import ShardingRules
 
 FORMAT = 1
-
-
-def _hash_files(root: Path) -> dict[str, str]:
-    out = {}
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.name != "manifest.json":
-            out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
 
 
 def save_checkpoint(path: str | Path, params: Params, cfg: Config, *, tokenizer: dict | None = None,
@@ -49,7 +46,7 @@ def save_checkpoint(path: str | Path, params: Params, cfg: Config, *, tokenizer:
         meta = {"format": FORMAT, "config": cfg.to_dict(), "tokenizer": tokenizer, "training": training,
                 "with_mtp": params.mtp is not None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(_hash_files(tmp), indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(layered.hash_files(tmp), indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -64,13 +61,16 @@ def read_meta(path: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
     meta_file = path / "meta.json"
+    if not meta_file.is_file() and (path / "progress.json").is_file():
+        raise CheckpointError(f"{path} is an unfinished conversion: run the same scripts/convert.py command again to "
+                              f"finish it")
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint of this project: meta.json is missing")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file} is corrupted: {e}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, layered.FORMAT):
         raise CheckpointError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
     return meta
 
@@ -80,7 +80,7 @@ def verify_manifest(path: Path) -> None:
     if not manifest_file.is_file():
         raise CheckpointError(f"{path}: manifest.json is missing (incomplete or foreign checkpoint)")
     want = json.loads(manifest_file.read_text())
-    have = _hash_files(path)
+    have = layered.hash_files(path)
     missing = sorted(set(want) - set(have))
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing file(s): {', '.join(missing[:5])}")
@@ -128,8 +128,11 @@ def _check_shapes(path: Path, target: Params, saved) -> None:
         raise CheckpointError(f"{path}: the tensors do not fit the config in meta.json: " + "; ".join(problems[:8]))
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, Config, dict]:
-    """Returns (params, config, meta). Raises CheckpointError with a specific message on any mismatch."""
+def load_checkpoint(path: str | Path, *, verify: bool = True, mesh=None,
+                    rules: ShardingRules = ShardingRules()) -> tuple[Params, Config, dict]:
+    """Returns (params, config, meta), on one device or, with a mesh, placed on it by the sharding rules (format 2
+    restores each device's part directly). verify: check the manifest's hashes first (reads every file once).
+    Raises CheckpointError with a specific message on any mismatch."""
     path = Path(path).resolve()  # orbax reads metadata of relative paths as empty
     meta = read_meta(path)
     try:
@@ -138,6 +141,13 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, C
         raise CheckpointError(f"{path}/meta.json: invalid config ({e})") from None
     if verify:
         verify_manifest(path)
+    if meta["format"] == layered.FORMAT:
+        return layered.restore(path, cfg, meta, mesh=mesh, rules=rules), cfg, meta
+    params = _load_format1(path, cfg, meta)
+    return (params if mesh is None else shard_params(params, cfg, mesh, rules)), cfg, meta
+
+
+def _load_format1(path: Path, cfg: Config, meta: dict) -> Params:
     target = abstract_params(cfg, with_mtp=meta.get("with_mtp", False))
     saved = _saved_tree(path)
     _check_shapes(path, target, saved)
@@ -146,5 +156,4 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[Params, C
     restored = ocp.StandardCheckpointer().restore(path / "params", jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved, is_leaf=lambda x: hasattr(x, "shape")))
     by_name = {_path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    params = jax.tree_util.tree_map_with_path(lambda k, _: jnp.asarray(by_name[_path_name(k)]), target)
-    return params, cfg, meta
+    return jax.tree_util.tree_map_with_path(lambda k, _: jnp.asarray(by_name[_path_name(k)]), target)

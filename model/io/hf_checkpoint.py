@@ -16,8 +16,8 @@ are dequantized. BF16 tensors stay in the compute dtype (`dtype=`, the config's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,19 +29,27 @@ import numpy as np
 
 from model.config import Config
 from model.io.errors import CheckpointError
+from model.io.layered import item_names
 from model.io.safetensors import TensorDirectory
-from model.params import Attention, Layer, Mlp, Moe, Mtp, Params, is_info, param_infos
+from model.params import Attention, Layer, Mlp, Moe, Mtp, Params, is_info, param_infos, unstacked
 from quant.qarray import QArray, _moved_perm
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+log = logging.getLogger("r1jax.io")
+
+
+def _check_grid(shape, grid, block: int = 128) -> np.ndarray:
+    """A float32 stand-in of `shape` (no memory) after checking the FP8 scale grid fits it."""
+    want = (math.ceil(shape[0] / block), math.ceil(shape[1] / block))
+    if tuple(grid) != want:
+        raise CheckpointError(f"FP8 scale grid {tuple(grid)} does not fit weight {tuple(shape)}: expected {want}")
+    return np.broadcast_to(np.zeros((), np.float32), shape)
 
 
 def dequant_fp8_blocks(w: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
     """W[i, j] = q[i, j] * scale_inv[i // 128, j // 128]; the grid is ceil(out/128) x ceil(in/128)."""
     rows, cols = w.shape
-    want = (math.ceil(rows / block), math.ceil(cols / block))
-    if scale_inv.shape != want:
-        raise CheckpointError(f"FP8 scale grid {scale_inv.shape} does not fit weight {w.shape}: expected {want}")
+    _check_grid(w.shape, scale_inv.shape, block)
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:rows, :cols]
     return w.astype(np.float32) * s
 
@@ -87,9 +95,9 @@ class _Reader:
     misshapen, mistyped, non-finite or unused, with the checkpoint's own tensor names in every message."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], cfg: Config, *, fp8_activations: bool = True,
-                 check_finite: bool = False):
+                 check_finite: bool = False, dry: bool = False):
         self.tensors, self.cfg = tensors, cfg
-        self.fp8_act, self.check_finite = fp8_activations, check_finite
+        self.fp8_act, self.check_finite, self.dry = fp8_activations, check_finite and not dry, dry
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.misshapen: list[str] = []
@@ -101,7 +109,7 @@ class _Reader:
             self.missing.append(name)
             return None
         self.used.add(name)
-        a = self.tensors[name]
+        a = self._array(name)
         scale = name + "_scale_inv"
         if scale in self.tensors:
             self.used.add(scale)
@@ -110,10 +118,11 @@ class _Reader:
                                                                  ", not a floating-point dtype"))
             return None
         if a.dtype == FP8 and (part is None or self._exact_halves()):
-            return self._fp8(name, a, self.tensors[scale], info, part)
+            return self._fp8(name, a, self._array(scale), info, part)
         if scale in self.tensors:  # dequantized: an FP8 kv_b whose halves do not fill whole tiles, or float weights
             try:
-                a = dequant_fp8_blocks(np.asarray(a), np.asarray(self.tensors[scale]))
+                a = (_check_grid(a.shape, self._array(scale).shape) if self.dry
+                     else dequant_fp8_blocks(np.asarray(a), np.asarray(self._array(scale))))
             except CheckpointError as e:
                 self.misshapen.append(f"{name}: {e}")
                 return None
@@ -129,6 +138,16 @@ class _Reader:
         if self.check_finite and not np.isfinite(np.asarray(a, np.float32)).all():
             self.nonfinite.append(name)
         return a
+
+    def _array(self, name: str) -> np.ndarray:
+        """The tensor (a memory map), or in a dry run a stand-in of its shape and dtype that holds no memory."""
+        if not self.dry:
+            return self.tensors[name]
+        if hasattr(self.tensors, "shape"):
+            shape, dtype = self.tensors.shape(name), self.tensors.dtype(name)
+        else:
+            shape, dtype = self.tensors[name].shape, self.tensors[name].dtype
+        return np.broadcast_to(np.zeros((), dtype), shape)
 
     def _exact_halves(self) -> bool:
         return self.cfg.qk_nope_head_dim % 128 == 0 and self.cfg.v_head_dim % 128 == 0
@@ -168,6 +187,8 @@ class _Reader:
         if self.check_finite and (not np.isfinite(np.asarray(scales)).all()
                                   or (np.asarray(codes).view(np.uint8) & 0x7F == 0x7F).any()):
             self.nonfinite.append(name)
+        if self.dry:
+            return codes
         return QArray(_words(codes).reshape(*out_dims, k // 2), np.asarray(scales, np.float32), fmt="fp8",
                       k_axis=info.k_axis, n_out=nd - info.k_ndim, act="fp8" if self.fp8_act else None,
                       dtype=cfg.dtype, k_dims=tuple(k_dims) if info.k_ndim > 1 else ())
@@ -186,24 +207,21 @@ def _layer_arrays(r: _Reader, prefix: str, cfg: Config, info: Layer) -> dict:
            "e_bias": r.get(prefix + "mlp.gate.e_score_correction_bias", f.e_bias),
            "shared": {k: r.get(prefix + "mlp.shared_experts." + s, getattr(f.shared, k), _t) for k, s in _MLP.items()}}
     for k, s in _MLP.items():
-        one = _drop_lead(getattr(f, "we" + k[1]))
-        per = [r.get(f"{prefix}mlp.experts.{e}.{s}", one, _t) for e in range(cfg.n_routed_experts)]
-        ffn["we" + k[1]] = None if any(p is None for p in per) else _stack(per)
+        one = unstacked(getattr(f, "we" + k[1]))
+        ffn["we" + k[1]] = [r.get(f"{prefix}mlp.experts.{e}.{s}", one, _t) for e in range(cfg.n_routed_experts)]
     out["ffn"] = ffn
     return out
 
 
-def _drop_lead(info):
-    return dataclasses.replace(info, shape=info.shape[1:], logical_axes=info.logical_axes[1:])
-
-
-def _unstack(tree):
-    return jax.tree.map(_drop_lead, tree, is_leaf=is_info)
-
-
 def _build_layer(d: dict, moe: bool) -> Layer:
+    """A Layer from _layer_arrays' dict, each expert stack made from its list (None where any expert is)."""
     attn = Attention(**d["attn"])
-    ffn = Moe(**{**d["ffn"], "shared": Mlp(**d["ffn"]["shared"])}) if moe else Mlp(**d["ffn"])
+    if moe:
+        experts = {k: None if any(p is None for p in v) else _stack(v) for k, v in d["ffn"].items()
+                   if k.startswith("we")}
+        ffn = Moe(**{**d["ffn"], **experts, "shared": Mlp(**d["ffn"]["shared"])})
+    else:
+        ffn = Mlp(**d["ffn"])
     return Layer(attn_norm=d["attn_norm"], attn=attn, ffn_norm=d["ffn_norm"], ffn=ffn)
 
 
@@ -218,6 +236,90 @@ def _stack_layers(layers: list[Layer]) -> Layer:
     return jax.tree.map(one, *layers, is_leaf=lambda x: x is None or isinstance(x, QArray))
 
 
+def _item_prefix(cfg: Config, item: str) -> str:
+    """The checkpoint name prefix of a layer item ('moe_layers.002' -> 'model.layers.3.' with one dense layer)."""
+    if item == "mtp":
+        return f"model.layers.{cfg.num_hidden_layers}."
+    stack, _, idx = item.partition(".")
+    return f"model.layers.{int(idx) + (cfg.first_k_dense_replace if stack == 'moe_layers' else 0)}."
+
+
+def _read_raw(r: _Reader, cfg: Config, infos: Params, item: str) -> dict:
+    """One item's arrays (layered.item_names: globals, dense_layers.i, moe_layers.i, mtp) as nested dicts."""
+    if item == "globals":
+        return {"embed": r.get("model.embed_tokens.weight", infos.embed),
+                "norm": r.get("model.norm.weight", infos.norm), "lm_head": r.get("lm_head.weight", infos.lm_head, _t)}
+    pre = _item_prefix(cfg, item)
+    if item == "mtp":
+        m = infos.mtp
+        # the release stores the shared embedding and head again in the MTP layer: the same tensors, not read twice
+        r.used |= {pre + "embed_tokens.weight", pre + "shared_head.head.weight"}
+        return {"enorm": r.get(pre + "enorm.weight", m.enorm), "hnorm": r.get(pre + "hnorm.weight", m.hnorm),
+                "eh_proj": r.get(pre + "eh_proj.weight", m.eh_proj, _t),
+                "layer": _layer_arrays(r, pre, cfg, m.layer), "norm": r.get(pre + "shared_head.norm.weight", m.norm)}
+    stack = item.partition(".")[0]
+    return _layer_arrays(r, pre, cfg, unstacked(getattr(infos, stack)))
+
+
+def _build(raw: dict, item: str):
+    if item == "globals":
+        return raw
+    if item == "mtp":
+        return Mtp(**{**raw, "layer": _build_layer(raw["layer"], True)})
+    return _build_layer(raw, item.startswith("moe_layers"))
+
+
+def _raise_problems(r: _Reader, tensors, cfg: Config, *, strict: bool, with_mtp: bool) -> None:
+    problems = []
+    for kind, items in (("missing", r.missing), ("misshapen", r.misshapen), ("mistyped", r.mistyped),
+                        ("non-finite", r.nonfinite)):
+        if items:
+            problems.append(f"{len(items)} {kind} tensor(s): " + "; ".join(items[:10])
+                            + (" ..." if len(items) > 10 else ""))
+    if strict:
+        mtp_prefix = _item_prefix(cfg, "mtp")
+        extra = sorted(k for k in tensors if k not in r.used and not (not with_mtp and k.startswith(mtp_prefix)))
+        if extra:
+            problems.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(extra[:10]))
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], cfg: Config, *, with_mtp: bool = False,
+                  strict: bool = True) -> None:
+    """Every tensor's presence, shape and dtype against the config, from the shard headers alone (nothing is read:
+    stand-ins of no memory go through the same mapping), raising one CheckpointError that names them all."""
+    r = _Reader(tensors, cfg, dry=True)
+    infos = param_infos(cfg, with_mtp=with_mtp)
+    for item in item_names(cfg, with_mtp):
+        _read_raw(r, cfg, infos, item)
+    _raise_problems(r, tensors, cfg, strict=strict, with_mtp=with_mtp)
+
+
+def _on_host(tree, infos):
+    """Plain arrays in their declared dtype (numpy), QArrays as read."""
+    def one(info, a):
+        if a is None or isinstance(a, QArray):
+            return a
+        return np.asarray(a).astype(info.dtype)
+    return jax.tree.map(one, infos, tree, is_leaf=is_info)
+
+
+def read_item(tensors: Mapping[str, np.ndarray], cfg: Config, item: str, *, fp8_activations: bool = True,
+              check_finite: bool = False):
+    """One item of a conversion, read and built on the host: {'embed', 'norm', 'lm_head'} for "globals", a Layer
+    for "dense_layers.i" / "moe_layers.i", an Mtp for "mtp". Presence and shapes are check_tensors' job (run it
+    first); this raises what reading finds (non-finite values with check_finite)."""
+    r = _Reader(tensors, cfg, fp8_activations=fp8_activations, check_finite=check_finite)
+    infos = param_infos(cfg, with_mtp=item == "mtp")
+    tree = _build(_read_raw(r, cfg, infos, item), item)
+    _raise_problems(r, tensors, cfg, strict=False, with_mtp=item == "mtp")
+    if item == "globals":
+        return {k: np.asarray(v).astype(getattr(infos, k).dtype) for k, v in tree.items()}
+    info = infos.mtp if item == "mtp" else unstacked(getattr(infos, item.partition(".")[0]))
+    return _on_host(tree, info)
+
+
 def params_from_tensors(tensors: Mapping[str, np.ndarray], cfg: Config, *, with_mtp: bool = False,
                         strict: bool = True, fp8_activations: bool = True, check_finite: bool = False) -> Params:
     """Map a flat {checkpoint name: array} mapping onto `Params`, checking every tensor against the config.
@@ -228,38 +330,15 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], cfg: Config, *, with_
     """
     r = _Reader(tensors, cfg, fp8_activations=fp8_activations, check_finite=check_finite)
     infos = param_infos(cfg, with_mtp=with_mtp)
-    n_dense = cfg.first_k_dense_replace
-    dense = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, _unstack(infos.dense_layers)), False)
-             for i in range(n_dense)]
-    moe = [_build_layer(_layer_arrays(r, f"model.layers.{i}.", cfg, _unstack(infos.moe_layers)), True)
-           for i in range(n_dense, cfg.num_hidden_layers)]
-    mtp = None
-    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if with_mtp:
-        m = infos.mtp
-        mtp = Mtp(enorm=r.get(mtp_prefix + "enorm.weight", m.enorm), hnorm=r.get(mtp_prefix + "hnorm.weight", m.hnorm),
-                  eh_proj=r.get(mtp_prefix + "eh_proj.weight", m.eh_proj, _t),
-                  layer=_build_layer(_layer_arrays(r, mtp_prefix, cfg, m.layer), True),
-                  norm=r.get(mtp_prefix + "shared_head.norm.weight", m.norm))
-        # the release stores the shared embedding and head again in the MTP layer: the same tensors, not read twice
-        r.used |= {mtp_prefix + "embed_tokens.weight", mtp_prefix + "shared_head.head.weight"}
-    params = Params(embed=r.get("model.embed_tokens.weight", infos.embed),
-                    dense_layers=_stack_layers(dense) if dense else None,
-                    moe_layers=_stack_layers(moe) if moe else None,
-                    norm=r.get("model.norm.weight", infos.norm), lm_head=r.get("lm_head.weight", infos.lm_head, _t),
-                    mtp=mtp)
-    problems = []
-    for kind, items in (("missing", r.missing), ("misshapen", r.misshapen), ("mistyped", r.mistyped),
-                        ("non-finite", r.nonfinite)):
-        if items:
-            problems.append(f"{len(items)} {kind} tensor(s): " + "; ".join(items[:10])
-                            + (" ..." if len(items) > 10 else ""))
-    if strict:
-        extra = sorted(k for k in tensors if k not in r.used and not (not with_mtp and k.startswith(mtp_prefix)))
-        if extra:
-            problems.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(extra[:10]))
-    if problems:
-        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+    items = item_names(cfg, with_mtp)
+    built = {item: _build(_read_raw(r, cfg, infos, item), item) for item in items}
+    _raise_problems(r, tensors, cfg, strict=strict, with_mtp=with_mtp)
+    dense = [built[i] for i in items if i.startswith("dense_layers")]
+    moe = [built[i] for i in items if i.startswith("moe_layers")]
+    g = built["globals"]
+    params = Params(embed=g["embed"], dense_layers=_stack_layers(dense) if dense else None,
+                    moe_layers=_stack_layers(moe) if moe else None, norm=g["norm"], lm_head=g["lm_head"],
+                    mtp=built.get("mtp"))
 
     def to_device(info, a):
         if a is None:
@@ -360,17 +439,9 @@ def _check_quantization_config(q: dict | None, where: Path) -> None:
         raise CheckpointError(f"{where}: quantization_config {wrong} is not DeepSeek's FP8 release layout {want}")
 
 
-def load_hf_checkpoint(path: str | Path, cfg: Config | None = None, *, dtype: str | None = None,
-                       with_mtp: bool | None = None, fp8_activations: bool = True, check_finite: bool | None = None,
-                       max_host_bytes: int | None = None, strict: bool = True) -> tuple[Params, Config]:
-    """Load a directory holding config.json and *.safetensors (one shard, or many with their index), the FP8
-    release as it is (see the module docstring).
-
-    dtype: the compute dtype ("bfloat16", "float32"; default the config's torch_dtype); with_mtp: load the MTP
-    module (default: when the config has one and the checkpoint holds it); check_finite: refuse a tensor holding
-    NaN or inf, naming it (default: on for checkpoints under 2 GB); max_host_bytes: refuse, before reading any
-    tensor, when `load_bytes` exceeds it (default: the host memory available now). Returns (params, config).
-    """
+def open_hf_directory(path: str | Path, cfg: Config | None = None, *,
+                      dtype: str | None = None) -> tuple[TensorDirectory, Config]:
+    """(the tensors by name, headers read; the config) of an HF-layout directory, its quantization_config checked."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
@@ -390,16 +461,34 @@ def load_hf_checkpoint(path: str | Path, cfg: Config | None = None, *, dtype: st
             raise CheckpointError(f"{path / 'config.json'}: not a DeepSeek-V3 config ({e})") from None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    tensors = TensorDirectory(path)
+    return TensorDirectory(path), cfg
+
+
+def load_hf_checkpoint(path: str | Path, cfg: Config | None = None, *, dtype: str | None = None,
+                       with_mtp: bool | None = None, fp8_activations: bool = True, check_finite: bool | None = None,
+                       max_host_bytes: int | None = None, strict: bool = True) -> tuple[Params, Config]:
+    """Load a directory holding config.json and *.safetensors (one shard, or many with their index), the FP8
+    release as it is (see the module docstring).
+
+    dtype: the compute dtype ("bfloat16", "float32"; default the config's torch_dtype); with_mtp: load the MTP
+    module (default: when the config has one and the checkpoint holds it); check_finite: refuse a tensor holding
+    NaN or inf, naming it (default: on for checkpoints under 2 GB); max_host_bytes: refuse, before reading any
+    tensor, when `load_bytes` exceeds it (default: the host memory available now). Every tensor's name, shape and
+    dtype is checked from the headers first (`check_tensors`). Returns (params, config).
+    """
+    path = Path(path)
+    tensors, cfg = open_hf_directory(path, cfg, dtype=dtype)
     if with_mtp is None:
         with_mtp = cfg.num_nextn_predict_layers > 0 and any(
             k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in tensors)
+    check_tensors(tensors, cfg, with_mtp=with_mtp, strict=strict)
     need = load_bytes(tensors, cfg)
     limit = host_memory_available() if max_host_bytes is None else max_host_bytes
+    log.info(f"{path}: loading holds about {need / 1e9:.2f} GB of host memory ({limit / 1e9:.1f} GB available)")
     if limit and need > limit:
         raise CheckpointError(f"{path}: loading needs about {need / 1e9:.1f} GB of host memory (the weights as kept, "
                               f"twice: stacked, then as arrays) and {limit / 1e9:.1f} GB is available; load it on a "
-                              f"larger host or restore a converted checkpoint straight onto a mesh")
+                              f"larger host, or convert it (scripts/convert.py) and restore it straight onto a mesh")
     if check_finite is None:
         check_finite = sum(tensors.nbytes(k) for k in tensors) < 2e9
     params = params_from_tensors(tensors, cfg, with_mtp=with_mtp, strict=strict, fp8_activations=fp8_activations,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -21,11 +22,14 @@ import numpy as np
 from model.config import Config
 from model.io.hf_checkpoint import hf_tensors
 from model.io.safetensors import INDEX, write_safetensors
-from model.params import Params
+from model.params import Params, abstract_params
 from quant.formats import fp8_quantize_2d
 
 BF16_KEPT = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight", "mlp.gate.weight",
              "eh_proj.weight")
+
+
+_fp8_2d = jax.jit(fp8_quantize_2d)  # one program per shape, not one per operation
 
 
 def release_config(cfg: Config) -> dict:
@@ -43,15 +47,61 @@ def release_tensors(params: Params, cfg: Config) -> dict[str, np.ndarray]:
     """{name: array} of the release: FP8 linears with their scales, BF16 (and the float32 router bias) else."""
     out = {}
     for name, a in hf_tensors(params, cfg).items():
-        if a.ndim == 2 and not name.endswith(BF16_KEPT):
-            codes, scale = fp8_quantize_2d(jnp.asarray(a, jnp.float32))
-            out[name] = np.asarray(codes)
-            out[name + "_scale_inv"] = np.asarray(scale, np.float32)
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = np.asarray(a, np.float32)
-        else:
-            out[name] = np.asarray(a, ml_dtypes.bfloat16)
+        out.update(_release_layout(name, a))
     return out
+
+
+def _release_layout(name: str, a) -> dict[str, np.ndarray]:
+    """One tensor as the release stores it: an FP8 linear with its scales, BF16, or the float32 router bias."""
+    if a.ndim == 2 and not name.endswith(BF16_KEPT):
+        codes, scale = _fp8_2d(jnp.asarray(a, jnp.float32))
+        return {name: np.asarray(codes), name + "_scale_inv": np.asarray(scale, np.float32)}
+    if name.endswith("e_score_correction_bias"):
+        return {name: np.asarray(a, np.float32)}
+    return {name: np.asarray(a, ml_dtypes.bfloat16)}
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:3]) if name.startswith("model.layers.") else "globals"
+
+
+def write_random_release(path: str | Path, cfg: Config, *, seed: int = 0) -> dict:
+    """A release-layout checkpoint of random weights (normal, std 1/sqrt(fan-in); unit norms, zero router bias) of
+    any size, written tensor by tensor, one shard per layer as the release has them: host memory stays at one
+    layer whatever the model's size. Returns {"tensors": count, "bytes": total, "shards": count}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    # the names and shapes in the release's layout, from stand-ins that hold no memory
+    stand_in = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.float32), s.shape),
+                            abstract_params(cfg, with_mtp=cfg.num_nextn_predict_layers > 0))
+    shapes = {k: v.shape for k, v in hf_tensors(stand_in, cfg).items()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(_layer_of(name), []).append(name)
+    rng = np.random.default_rng(seed)
+    weight_map, total, count = {}, 0, 0
+    for i, names in enumerate(groups.values()):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        part = {}
+        for name in names:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                a = np.ones(shape, np.float32)
+            elif name.endswith("e_score_correction_bias"):
+                a = np.zeros(shape, np.float32)
+            else:  # [out, in] linears, the embedding [V, D] rows
+                fan_in = 1 if "embed_tokens" in name else shape[-1]
+                a = rng.standard_normal(shape, np.float32) * np.float32(fan_in ** -0.5)
+            part.update(_release_layout(name, a))
+        write_safetensors(path / file, part, {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+        total += sum(a.nbytes for a in part.values())
+        count += len(part)
+        del part
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(release_config(cfg), indent=2) + "\n")
+    return {"tensors": count, "bytes": total, "shards": len(groups)}
 
 
 def write_release(path: str | Path, params: Params, cfg: Config, *, shards: int = 3) -> dict[str, np.ndarray]:

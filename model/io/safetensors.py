@@ -119,6 +119,9 @@ class TensorDirectory(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         return self.where[name].get(name)
 
+    def __contains__(self, name) -> bool:  # Mapping's default would map the tensor to find out
+        return name in self.where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
 
