@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from model.cache import init_cache
 from model.forward import _decode, _prefill, check_tokens
 from model.io.checkpoint import load_checkpoint
+from model.io.errors import require_directory
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from model.io.hf_tokenizer import TokenizerError
 from model.io.tokenizer import tokenizer_for, tokenizer_from_description
@@ -41,8 +42,7 @@ def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str
     directory's own tokenizer.json. dtype: the compute dtype of an HF directory (a conversion fixed its own)."""
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
-        if not path.exists():
-            raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+        require_directory(path)
         params, cfg, meta = load_checkpoint(path, mesh=mesh)
         if dtype is not None and dtype != cfg.dtype:
             raise CheckpointError(f"{path} holds {cfg.dtype} weights, fixed when it was written; convert the release "
@@ -100,7 +100,8 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
 
 
 def generate_main(argv=None):
-    ap = argparse.ArgumentParser(prog="r1jax-generate", description="Generate text, streamed as it is produced.")
+    ap = argparse.ArgumentParser(prog="r1jax-generate", description="Generate text, streamed as it is produced.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -128,7 +129,14 @@ def generate_main(argv=None):
         ap.error(str(e))
     if args.max_new_tokens < 0:
         ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        ap.error(f"sampling: {e}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ap.error(f"--prompt is not valid text: {e.reason} at character {e.start}")
     _report_to_stderr()
     try:
         mesh = make_mesh(args.mesh) if args.mesh else None
@@ -177,7 +185,7 @@ def generate_main(argv=None):
 
 def evaluate_main(argv=None):
     ap = argparse.ArgumentParser(prog="r1jax-evaluate", description="Held-out bits per byte and arithmetic "
-                                 "exact match.")
+                                 "exact match.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT))
     ap.add_argument("--problems", type=int, default=200, help="held-out problems per kind")
     ap.add_argument("--text-bytes", type=int, default=60000, help="held-out text bytes scored")

@@ -95,15 +95,20 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
       divide is padded with copies of the first prompt, whose outputs are dropped).
     """
     plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        check_tokens(cfg, np.asarray(p, np.int64), what=f"prompt {i} token ids")
-    stop = check_tokens(cfg, np.asarray(list(stop_tokens), np.int64), what="stop token ids")
+        check_tokens(cfg, np.asarray(p), what=f"prompt {i} token ids")  # as given: floats refused, not truncated
+    if isinstance(stop_tokens, (int, np.integer)) or not isinstance(stop_tokens, Sequence | np.ndarray | set):
+        raise ValueError(f"stop_tokens must be a list of token ids, got {stop_tokens!r}")
+    stop = (check_tokens(cfg, np.asarray(list(stop_tokens)), what="stop token ids") if len(stop_tokens)
+            else np.zeros(0, np.int64))
     b = len(prompts)
     rid = np.arange(b) if request_ids is None else np.asarray(request_ids)
     if rid.shape != (b,):

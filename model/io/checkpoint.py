@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from model.config import Config
 from model.io import layered
-from model.io.errors import CheckpointError
+from model.io.errors import CheckpointError, require_directory
 from model.params import Params, abstract_params
 from model.placement import shard_params
 from sharding.rules import ShardingRules
@@ -58,8 +58,7 @@ def save_checkpoint(path: str | Path, params: Params, cfg: Config, *, tokenizer:
 
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    require_directory(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file() and (path / "progress.json").is_file():
         raise CheckpointError(f"{path} is an unfinished conversion: run the same scripts/convert.py command again to "

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from model.config import Config
-from model.io.errors import CheckpointError
+from model.io.errors import CheckpointError, require_directory
 from model.io.layered import item_names
 from model.io.safetensors import TensorDirectory
 from model.params import Attention, Layer, Mlp, Moe, Mtp, Params, is_info, param_infos, unstacked
@@ -443,8 +443,7 @@ def open_hf_directory(path: str | Path, cfg: Config | None = None, *,
                       dtype: str | None = None) -> tuple[TensorDirectory, Config]:
     """(the tensors by name, headers read; the config) of an HF-layout directory, its quantization_config checked."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    require_directory(path)
     raw = None
     if (path / "config.json").exists():
         try:
