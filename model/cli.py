@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from model.cache import init_cache
+from model.config import DTYPES
 from model.forward import _decode, _prefill, check_tokens
 from model.io.checkpoint import load_checkpoint
 from model.io.errors import require_directory
@@ -22,7 +23,7 @@ from model.io.hf_tokenizer import TokenizerError
 from model.io.tokenizer import tokenizer_for, tokenizer_from_description
 from model.placement import check_divisible, shard_cache, shard_params
 from model.plan import ExecutionPlan
-from model.quantize import calibrate, quantize_params
+from model.quantize import calibrate, quantize_params, with_compute_dtype
 from model.sampling import SamplingParams, sample, step_keys
 from model.train.evaluate import evaluate, format_table
 from model.train.quant_eval import calibration_sequences
@@ -39,14 +40,13 @@ def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str
     checkpoint is restored straight into its shards).
 
     tokenizer: see model.io.tokenizer.tokenizer_for; "auto" takes the one the checkpoint was saved with, or an HF
-    directory's own tokenizer.json. dtype: the compute dtype of an HF directory (a conversion fixed its own)."""
+    directory's own tokenizer.json. dtype: the compute dtype (default: the checkpoint's)."""
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
         require_directory(path)
         params, cfg, meta = load_checkpoint(path, mesh=mesh)
         if dtype is not None and dtype != cfg.dtype:
-            raise CheckpointError(f"{path} holds {cfg.dtype} weights, fixed when it was written; convert the release "
-                                  f"again with --dtype {dtype}")
+            params, cfg = with_compute_dtype(params, cfg, dtype)
         if tokenizer == "auto" and meta.get("tokenizer"):
             return params, cfg, tokenizer_from_description(meta["tokenizer"], path)
         return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
@@ -119,7 +119,8 @@ def generate_main(argv=None):
                     "mxfp4_w4a4, with modifiers such as +attn or +kv_fp8 (default: none; see quant/recipes.py)")
     ap.add_argument("--mesh", default=None, help="run on a device mesh, e.g. expert=8 (a converted checkpoint is "
                     "restored straight into its shards)")
-    ap.add_argument("--dtype", default=None, help="compute dtype for an HF-layout directory (default: its config's)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="compute dtype (default: the checkpoint's)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
     args = ap.parse_args(argv)

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,8 +105,8 @@ class Config:
             problems.append(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.num_nextn_predict_layers not in (0, 1):
             problems.append(f"num_nextn_predict_layers must be 0 or 1, got {self.num_nextn_predict_layers}")
-        if self.dtype not in _DTYPES:
-            problems.append(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tie_word_embeddings:
             problems.append("tie_word_embeddings=True is not supported (DeepSeek-V3/R1 unties them)")
         if problems:
@@ -123,7 +123,7 @@ class Config:
 
     @cached_property
     def param_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @cached_property
     def softmax_scale(self) -> float:

@@ -117,6 +117,19 @@ def _quantize_one(x, amax, input_scale, *, recipe: Recipe, group: str, name: str
                            k_ndim=k_ndim)
 
 
+def with_compute_dtype(params: Params, cfg: Config, dtype: str) -> tuple[Params, Config]:
+    """(params, cfg) computing in `dtype`: plain weights cast to their declared dtype under it (the router bias
+    stays float32), quantized ones keep their codes and scales and dequantize to it."""
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    infos = param_infos(cfg, with_mtp=params.mtp is not None)
+
+    def one(info, x):
+        if qarray.is_qarray(x):
+            return x.replace(dtype=jnp.dtype(dtype).name)
+        return x.astype(info.dtype)
+    return jax.tree.map(one, infos, params, is_leaf=is_info), cfg
+
+
 def dequantize_all(tree):
     """Every QArray of a tree as the plain array of its dtype (the FP8 release as BF16 weights)."""
     return jax.tree.map(_plain, tree, is_leaf=qarray.is_qarray)

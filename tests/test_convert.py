@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,7 +26,8 @@ from model.io.errors import CheckpointError
 from model.io.hf_checkpoint import load_hf_checkpoint
 from model.io.layered import save_layered
 from model.placement import shard_params
-from model.quantize import dequantize_all
+from model.quantize import dequantize_all, with_compute_dtype
+from quant.qarray import dequantize
 from sharding.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,14 +159,24 @@ def test_a_checkpoint_that_disagrees_with_its_config_is_named(converted, tmp_pat
         load_checkpoint(dst, verify=False)
 
 
+def test_another_compute_dtype(converted):
+    """--dtype on a converted checkpoint: plain weights cast, FP8 codes and scales kept, dequantized to the new
+    dtype; the router's correction bias stays float32 as declared."""
+    params, cfg, _ = load_checkpoint(converted[0])
+    bf16, cfg16 = with_compute_dtype(params, cfg, "bfloat16")
+    assert cfg16.dtype == "bfloat16" and bf16.embed.dtype == jnp.bfloat16
+    assert bf16.moe_layers.ffn.e_bias.dtype == jnp.float32
+    we1, we1_16 = params.moe_layers.ffn.we1, bf16.moe_layers.ffn.we1
+    assert we1_16.codes is we1.codes and we1_16.scales is we1.scales and we1_16.dtype == "bfloat16"
+    assert dequantize(we1_16).dtype == jnp.bfloat16
+
+
 def test_command_lines_name_the_problem_in_one_line(release, converted, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     cases = [(script.main, [str(tmp_path / "none"), str(tmp_path / "out")], "convert: error: checkpoint directory"),
              (script.main, [str(release[0]), str(converted[0])], "exists; pass --overwrite to replace it"),
-             (generate_main, ["--checkpoint", str(converted[0]), "--dtype", "bfloat16"],
-              "holds float32 weights, fixed when it was written"),
              (generate_main, ["--checkpoint", str(converted[0]), "--mesh", "expert=3"], "r1jax-generate: error:")]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
