@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from model.cache import init_cache
 from model.config import DTYPES
 from model.forward import _decode, _prefill, check_tokens
+from model.generate import NonFiniteError, raise_nonfinite
 from model.io.checkpoint import load_checkpoint
 from model.io.errors import require_directory
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
@@ -34,23 +35,25 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
 
 
-def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str | None = None):
+def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str | None = None,
+             check_finite: bool | None = None):
     """(params, cfg, tokenizer) from a checkpoint of this project (meta.json: the bundled model, a conversion of
     the release) or an HF-layout directory (the FP8 release as it is), placed on `mesh` if given (a converted
     checkpoint is restored straight into its shards).
 
     tokenizer: see model.io.tokenizer.tokenizer_for; "auto" takes the one the checkpoint was saved with, or an HF
-    directory's own tokenizer.json. dtype: the compute dtype (default: the checkpoint's)."""
+    directory's own tokenizer.json. dtype: the compute dtype (default: the checkpoint's). check_finite: refuse
+    a weight holding NaN or inf, naming it (default: on for checkpoints under 2 GB)."""
     path = Path(path)
     if (path / "meta.json").exists() or not (path / "config.json").exists():
         require_directory(path)
-        params, cfg, meta = load_checkpoint(path, mesh=mesh)
+        params, cfg, meta = load_checkpoint(path, mesh=mesh, check_finite=check_finite)
         if dtype is not None and dtype != cfg.dtype:
             params, cfg = with_compute_dtype(params, cfg, dtype)
         if tokenizer == "auto" and meta.get("tokenizer"):
             return params, cfg, tokenizer_from_description(meta["tokenizer"], path)
-        return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
-    params, cfg = load_hf_checkpoint(path, dtype=dtype)
+        return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)  # "auto": refused, naming the choices
+    params, cfg = load_hf_checkpoint(path, dtype=dtype, check_finite=check_finite)
     if mesh is not None:
         params = shard_params(params, cfg, mesh)
     return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
@@ -68,7 +71,8 @@ def _report_to_stderr() -> None:
 
 @partial(jax.jit, static_argnames=("sp",))
 def _sample_one(logits, step, sp):
-    return sample(logits, step_keys(sp.seed, jnp.zeros(1, jnp.int32), step), sp)
+    """The next token, and whether the logits were finite (checked on the host before the token is shown)."""
+    return sample(logits, step_keys(sp.seed, jnp.zeros(1, jnp.int32), step), sp), jnp.all(jnp.isfinite(logits))
 
 
 def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
@@ -86,14 +90,18 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
     if plan.mesh is not None:
         cache = shard_cache(cache, plan.mesh, plan.rules)
     logits, cache = _prefill(params, cache, tokens, lengths, cfg=cfg, plan=plan)
-    tok = _sample_one(logits, jnp.int32(0), sp=sampling)
+    tok, finite = _sample_one(logits, jnp.int32(0), sp=sampling)
+    if not bool(finite):
+        raise_nonfinite([0], "the prompt")
     ids.append(int(tok[0]))
     t_first = time.perf_counter() - t0
     on_token(ids[0])
     t1 = time.perf_counter()
     while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
         logits, cache = _decode(params, cache, tok, cfg=cfg, plan=plan)
-        tok = _sample_one(logits, jnp.int32(len(ids)), sp=sampling)
+        tok, finite = _sample_one(logits, jnp.int32(len(ids)), sp=sampling)
+        if not bool(finite):
+            raise_nonfinite([len(ids)], "the prompt")
         ids.append(int(tok[0]))
         on_token(ids[-1])
     return ids, t_first, time.perf_counter() - t1
@@ -121,6 +129,8 @@ def generate_main(argv=None):
                     "restored straight into its shards)")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                     help="compute dtype (default: the checkpoint's)")
+    ap.add_argument("--no-finite-check", action="store_true",
+                    help="skip the NaN/inf check of the weights on load (generation still stops at non-finite logits)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
     args = ap.parse_args(argv)
@@ -143,7 +153,8 @@ def generate_main(argv=None):
         mesh = make_mesh(args.mesh) if args.mesh else None
         # a recipe applied here quantizes on the host first, then places the result
         later = mesh is not None and (recipe.quantizes or recipe.kv_fp8)
-        params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if later else mesh, dtype=args.dtype)
+        params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if later else mesh, dtype=args.dtype,
+                                    check_finite=False if args.no_finite_check else None)
         if mesh is not None:
             check_divisible(cfg, mesh, batch=1)
     except (CheckpointError, TokenizerError, ValueError) as e:
@@ -167,8 +178,11 @@ def generate_main(argv=None):
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
-    stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(), on_token=lambda i: None,
-                    max_len=max_len, kv_scale=kv_scale, plan=plan)
+    try:
+        stream_generate(params, cfg, prompt_ids, max_new_tokens=2, sampling=sampling, stop_ids=(),
+                        on_token=lambda i: None, max_len=max_len, kv_scale=kv_scale, plan=plan)
+    except NonFiniteError as e:
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
     compile_s = time.perf_counter() - t0
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
@@ -176,9 +190,12 @@ def generate_main(argv=None):
     def show(i):
         if i != tok.eos_id:
             print(decode(i), end="", flush=True)
-    ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
-                                           sampling=sampling, stop_ids=(tok.eos_id,), on_token=show, max_len=max_len,
-                                           kv_scale=kv_scale, plan=plan)
+    try:
+        ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
+                                               sampling=sampling, stop_ids=(tok.eos_id,), on_token=show,
+                                               max_len=max_len, kv_scale=kv_scale, plan=plan)
+    except NonFiniteError as e:
+        ap.exit(1, f"\n{ap.prog}: error: {e}\n")
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)

@@ -39,35 +39,63 @@ class GenerateOutput:
         return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "plan"))
-def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len, plan):
+def _finite_rows(logits, check: bool):
+    """[B] bool: the rows' logits hold no NaN or inf (all True when the check is off)."""
+    return jnp.all(jnp.isfinite(logits), axis=-1) if check else jnp.ones(logits.shape[:1], bool)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "plan", "check_finite"))
+def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len, plan,
+                   check_finite=True):
     shapes = cache_shapes(cfg, tokens.shape[0], max_len, fp8=kv_scale is not None)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
     cache = cache.replace(kv_scale=kv_scale)
     logits, cache = prefill_fn(params, cache, tokens, lengths, cfg, plan)
     b = tokens.shape[0]
-    first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
+    # The finite check: a row whose logits hold NaN or inf stops there, emits nothing more, and records the step
+    # (one reduction over [B, V] per step, no host sync; `generate` raises on it after the loop).
+    finite = _finite_rows(logits, check_finite)
+    bad = jnp.where(finite, -1, 0).astype(jnp.int32)
+    first = jnp.where(finite, sample(logits, step_keys(sp.seed, request_ids, 0), sp), PAD)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_ids) | (max_new_tokens <= 1)
-    n_gen = jnp.ones((b,), jnp.int32)
+    done = jnp.isin(first, stop_ids) | (max_new_tokens <= 1) | ~finite
+    n_gen = finite.astype(jnp.int32)
 
     def cond(state):
-        step, _, _, _, done, _ = state
+        step, _, _, _, done, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, last, out, done, n_gen = state
+        step, cache, last, out, done, n_gen, bad = state
         logits, cache = decode_fn(params, cache, last, cfg, plan)
+        finite = _finite_rows(logits, check_finite)
+        bad = jnp.where(~done & ~finite, step, bad)
         nxt = sample(logits, step_keys(sp.seed, request_ids, step), sp)
-        nxt = jnp.where(done, PAD, nxt)
+        nxt = jnp.where(done | ~finite, PAD, nxt)
         out = out.at[:, step].set(nxt)
-        n_gen = n_gen + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, stop_ids) | (step + 1 >= max_new_tokens)
-        return step + 1, cache, jnp.maximum(nxt, 0), out, done, n_gen
+        n_gen = n_gen + (~done & finite).astype(jnp.int32)
+        done = done | ~finite | jnp.isin(nxt, stop_ids) | (step + 1 >= max_new_tokens)
+        return step + 1, cache, jnp.maximum(nxt, 0), out, done, n_gen, bad
 
-    state = (jnp.int32(1), cache, first, out, done, n_gen)
-    _, _, _, out, _, n_gen = jax.lax.while_loop(cond, body, state)
-    return out, n_gen
+    state = (jnp.int32(1), cache, jnp.maximum(first, 0), out, done, n_gen, bad)
+    _, _, _, out, _, n_gen, bad = jax.lax.while_loop(cond, body, state)
+    return out, n_gen, bad
+
+
+class NonFiniteError(FloatingPointError):
+    """The model produced NaN or inf logits (a weight holding NaN, an overflow): generation stopped there."""
+
+
+def raise_nonfinite(bad_steps, what: str = "prompt") -> None:
+    """Raise NonFiniteError naming the first step (and the row) whose logits were not finite; bad_steps: [B], -1
+    where all were finite."""
+    bad_steps = np.asarray(bad_steps)
+    rows = np.flatnonzero(bad_steps >= 0)
+    if rows.size:
+        i = int(rows[np.argmin(bad_steps[rows])])
+        raise NonFiniteError(f"non-finite logits (NaN or inf) at generation step {int(bad_steps[i])} of {what} {i} "
+                             f"(step 0 is the prefill): a weight holding NaN, or an overflow; nothing after it was "
+                             f"emitted")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 16):
@@ -83,7 +111,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
 def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
              max_len: int | None = None, request_ids: Sequence[int] | None = None, kv_scale=None,
-             plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None) -> GenerateOutput:
+             plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None,
+             check_finite: bool = True) -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
@@ -92,7 +121,9 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
       whatever shares its batch as long as its request id and seed are the same; kv_scale: [L, 2] scales of an
       FP8 latent cache (see `init_cache`), None for a cache in the model's dtype; plan, or backend / mesh: as for
       `prefill` (on a mesh, parameters placed with model.shard_params; a batch that the mesh's batch axes do not
-      divide is padded with copies of the first prompt, whose outputs are dropped).
+      divide is padded with copies of the first prompt, whose outputs are dropped); check_finite: stop a sequence
+      at the first step whose logits hold NaN or inf and raise NonFiniteError naming it (docs/benchmarks.md
+      measures its cost; off, such a sequence runs on with garbage).
     """
     plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
@@ -138,9 +169,11 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
         kv_scale = jnp.asarray(kv_scale, jnp.float32)
         if kv_scale.shape != (cfg.num_hidden_layers, 2):
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
-    out, n_gen = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
-                                jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
-                                max_new_tokens=max_new_tokens, max_len=max_len, plan=plan)
+    out, n_gen, bad = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
+                                     jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
+                                     max_new_tokens=max_new_tokens, max_len=max_len, plan=plan,
+                                     check_finite=check_finite)
+    raise_nonfinite(np.asarray(bad)[:b])
     out, n_gen = np.asarray(out)[:b], np.asarray(n_gen)[:b]
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)

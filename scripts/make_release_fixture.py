@@ -37,13 +37,13 @@ def main(argv=None):
 
     try:
         if args.checkpoint:
-            params, cfg, _ = load_checkpoint(args.checkpoint)
+            params, cfg, meta = load_checkpoint(args.checkpoint)
         else:
             cfg = get_preset(args.preset)
     except (CheckpointError, ValueError) as e:
         ap.exit(2, f"make_release_fixture: {e}\n")
     if args.checkpoint:
-        tensors = write_release(out, params, cfg, shards=args.shards)
+        tensors = write_release(out, params, cfg, shards=args.shards, tokenizer=meta.get("tokenizer"))
         n, size, shards = len(tensors), sum(a.nbytes for a in tensors.values()), args.shards
     else:
         info = write_random_release(out, cfg, seed=args.seed)

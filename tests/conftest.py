@@ -19,10 +19,12 @@ def release(tmp_path_factory):
     from model import init
     from model.config import RELEASE_TINY
     from model.io.release import write_release
+    from model.io.tokenizer import ByteTokenizer
 
     path = tmp_path_factory.mktemp("release") / "r1"
     params = init(RELEASE_TINY, jax.random.key(0), std="fan_in", with_mtp=True)
-    return path, write_release(path, params, RELEASE_TINY)
+    tokenizer = ByteTokenizer(RELEASE_TINY.vocab_size).describe()
+    return path, write_release(path, params, RELEASE_TINY, tokenizer=tokenizer)
 
 
 # ---- DeepSeek-V3's sizes for one layer, as abstract arrays (nothing allocated): kernel lowering and inspection --

@@ -3,12 +3,17 @@ with a message that names the problem (the parameter, the prompt, the flag)."""
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import generate
 from model.cli import BUNDLED_CHECKPOINT, generate_main
 from model.config import BUNDLED
+from model.generate import NonFiniteError
+from model.io.checkpoint import load_checkpoint, save_checkpoint
+from model.io.errors import CheckpointError
+from model.io.tokenizer import ByteTokenizer
 from model.sampling import SamplingParams
 from sharding.mesh import make_mesh
 
@@ -85,3 +90,36 @@ def test_help_shows_defaults(capsys):
         generate_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.6)" in out and "(default: bf16)" in out
+
+
+PROMPT = "Return"
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory):
+    """The bundled model with NaN in the embedding row of the first token it generates after PROMPT (a space,
+    which PROMPT lacks): the prefill is finite, the first decode step is not."""
+    params, cfg, meta = load_checkpoint(BUNDLED_CHECKPOINT)
+    prompt = ByteTokenizer(cfg.vocab_size).encode(PROMPT, add_bos=True)
+    first = generate(params, cfg, [prompt], max_new_tokens=1).tokens[0, 0]
+    assert first not in prompt
+    bad = params.replace(embed=params.embed.at[first].set(jnp.nan))
+    path = save_checkpoint(tmp_path_factory.mktemp("nan") / "ckpt", bad, cfg, tokenizer=meta["tokenizer"])
+    return path, cfg, prompt
+
+
+def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, capsys):
+    path, cfg, prompt = nan_checkpoint
+    with pytest.raises(CheckpointError, match=r"weight \.embed holds NaN or inf"):
+        load_checkpoint(path)
+    params, _, _ = load_checkpoint(path, check_finite=False)
+    with pytest.raises(NonFiniteError, match="at generation step 1 of prompt 0"):
+        generate(params, cfg, [prompt], max_new_tokens=8)
+    for argv, code, message in ((["--checkpoint", str(path)], 2, "weight .embed holds NaN or inf"),
+                                (["--checkpoint", str(path), "--no-finite-check", "--temperature", "0", "--prompt",
+                                  PROMPT], 1,
+                                 "non-finite logits (NaN or inf) at generation step 1")):
+        with pytest.raises(SystemExit) as e:
+            generate_main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == code and message in err and "Traceback" not in err, err

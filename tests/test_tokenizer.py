@@ -1,6 +1,7 @@
 """DeepSeek-R1's tokenizer: the pinned file and its checksum, round trips, R1's chat format against the Jinja template
 (tests/fixtures/r1_chat_template.jinja is the chat_template of R1's tokenizer_config.json), and refused ids."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from model.io import hf_tokenizer
 from model.io.hf_tokenizer import R1_TOKENIZER_SHA256, HFTokenizer, TokenizerError, render_chat
-from model.io.tokenizer import ByteTokenizer, tokenizer_for, tokenizer_from_description
+from model.io.tokenizer import DESCRIPTION_FILE, ByteTokenizer, tokenizer_for, tokenizer_from_description
 
 TEMPLATE = Path(__file__).parent / "fixtures" / "r1_chat_template.jinja"
 
@@ -133,8 +134,15 @@ def test_ids_the_tokenizer_cannot_produce_are_refused(r1):
 
 
 def test_choosing_a_checkpoints_tokenizer(r1, tmp_path):
-    assert isinstance(tokenizer_for("auto", 512), ByteTokenizer)
-    assert tokenizer_for("auto", 129_280).sha256 == R1_TOKENIZER_SHA256
+    # a directory with no tokenizer is refused, whatever its vocabulary suggests: the user names one
+    for vocab in (512, 129_280):
+        with pytest.raises(TokenizerError, match="holds no tokenizer .* name one with --tokenizer r1, bytes"):
+            tokenizer_for("auto", vocab, tmp_path)
+    assert tokenizer_for("r1", 129_280).sha256 == R1_TOKENIZER_SHA256
+    # this project's description of a byte tokenizer, beside a release-layout copy of one of our checkpoints
+    (tmp_path / DESCRIPTION_FILE).write_text(json.dumps(ByteTokenizer(512).describe()))
+    assert isinstance(tokenizer_for("auto", 512, tmp_path), ByteTokenizer)
+    (tmp_path / DESCRIPTION_FILE).unlink()
     # a directory with its own tokenizer.json + tokenizer_config.json wins, and is described by its hash
     src, conf = hf_tokenizer.packaged_r1_files()
     shutil.copy(src, tmp_path / "tokenizer.json")

@@ -27,6 +27,7 @@ from model.io import layered
 from model.io.errors import CheckpointError, require_directory
 from model.params import Params, abstract_params
 from model.placement import shard_params
+from quant.qarray import dequantize, is_qarray
 from sharding.rules import ShardingRules
 
 FORMAT = 1
@@ -127,10 +128,11 @@ def _check_shapes(path: Path, target: Params, saved) -> None:
         raise CheckpointError(f"{path}: the tensors do not fit the config in meta.json: " + "; ".join(problems[:8]))
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True, mesh=None,
-                    rules: ShardingRules = ShardingRules()) -> tuple[Params, Config, dict]:
+def load_checkpoint(path: str | Path, *, verify: bool = True, mesh=None, rules: ShardingRules = ShardingRules(),
+                    check_finite: bool | None = None) -> tuple[Params, Config, dict]:
     """Returns (params, config, meta), on one device or, with a mesh, placed on it by the sharding rules (format 2
     restores each device's part directly). verify: check the manifest's hashes first (reads every file once).
+    check_finite: refuse a weight holding NaN or inf, naming it (default: on below FINITE_CHECK_BYTES of weights).
     Raises CheckpointError with a specific message on any mismatch."""
     path = Path(path).resolve()  # orbax reads metadata of relative paths as empty
     meta = read_meta(path)
@@ -141,9 +143,30 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, mesh=None,
     if verify:
         verify_manifest(path)
     if meta["format"] == layered.FORMAT:
-        return layered.restore(path, cfg, meta, mesh=mesh, rules=rules), cfg, meta
-    params = _load_format1(path, cfg, meta)
-    return (params if mesh is None else shard_params(params, cfg, mesh, rules)), cfg, meta
+        params = layered.restore(path, cfg, meta, mesh=mesh, rules=rules)
+    else:
+        params = _load_format1(path, cfg, meta)
+        params = params if mesh is None else shard_params(params, cfg, mesh, rules)
+    if check_finite is None:
+        check_finite = sum(x.nbytes for x in jax.tree.leaves(params)) < FINITE_CHECK_BYTES
+    if check_finite:
+        bad = first_nonfinite(params)
+        if bad is not None:
+            raise CheckpointError(f"{path}: weight {bad} holds NaN or inf (load with check_finite=False to "
+                                  f"look at it)")
+    return params, cfg, meta
+
+
+FINITE_CHECK_BYTES = 2e9  # the check reads every weight once: on by default where that is cheap
+
+
+def first_nonfinite(params) -> str | None:
+    """The path of the first weight holding NaN or inf (a quantized one through its dequantized values)."""
+    for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+        v = dequantize(x, jnp.float32) if is_qarray(x) else x
+        if jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
+            return jax.tree_util.keystr(p)
+    return None
 
 
 def _load_format1(path: Path, cfg: Config, meta: dict) -> Params:

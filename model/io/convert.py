@@ -39,6 +39,7 @@ from model.config import Config
 from model.io import layered
 from model.io.errors import CheckpointError
 from model.io.hf_checkpoint import check_tensors, open_hf_directory, read_item
+from model.io.hf_tokenizer import TokenizerError
 from model.io.tokenizer import tokenizer_for
 from model.params import Layer, Moe, Params, param_infos, unstacked
 from model.quantize import dequantize_all, quantize_tree
@@ -189,7 +190,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, weigh
     with_mtp = cfg.num_nextn_predict_layers > 0 and any(
         k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in tensors)
     check_tensors(tensors, cfg, with_mtp=with_mtp)
-    tok = tokenizer_for(tokenizer, cfg.vocab_size, src)
+    try:
+        tok = tokenizer_for(tokenizer, cfg.vocab_size, src)
+    except TokenizerError:
+        if tokenizer != "auto":
+            raise
+        tok = None  # weights without a tokenizer: the converted checkpoint records none, and generation asks for one
     options = {"format": layered.FORMAT, "source": fingerprint(src, tensors), "dtype": cfg.dtype, "weights": weights,
                "with_mtp": with_mtp, "check_finite": check_finite}
     part = dst.parent / f"{dst.name}.partial"
@@ -229,11 +235,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, weigh
     bar.close()
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        if tok.describe().get("kind") == "hf" and (src / f).is_file():
+        if tok is not None and tok.describe().get("kind") == "hf" and (src / f).is_file():
             shutil.copyfile(src / f, part / f)
     recipes = {"fp8": ["fp8_w8a8"], "bf16": [], "nvfp4": ["fp8_w8a8", "nvfp4_w4a16"],
                "r1_fp4": ["fp8_w8a8", "r1_fp4"]}[weights]
-    meta = layered.meta_dict(cfg, state["quantized"], with_mtp=with_mtp, tokenizer=tok.describe(), recipes=recipes,
+    meta = layered.meta_dict(cfg, state["quantized"], with_mtp=with_mtp, tokenizer=tok.describe() if tok else None,
+                             recipes=recipes,
                              source={"path": str(src), "fingerprint": options["source"], "weights": weights})
     hashes = {k: v for d in state["done"].values() for k, v in d.items()}
     return layered.finalize(part, dst, meta, hashes, overwrite=overwrite)

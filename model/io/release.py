@@ -22,6 +22,7 @@ import numpy as np
 from model.config import Config
 from model.io.hf_checkpoint import hf_tensors
 from model.io.safetensors import INDEX, write_safetensors
+from model.io.tokenizer import DESCRIPTION_FILE
 from model.params import Params, abstract_params
 from quant.formats import fp8_quantize_2d
 
@@ -104,9 +105,11 @@ def write_random_release(path: str | Path, cfg: Config, *, seed: int = 0) -> dic
     return {"tensors": count, "bytes": total, "shards": len(groups)}
 
 
-def write_release(path: str | Path, params: Params, cfg: Config, *, shards: int = 3) -> dict[str, np.ndarray]:
+def write_release(path: str | Path, params: Params, cfg: Config, *, shards: int = 3,
+                  tokenizer: dict | None = None) -> dict[str, np.ndarray]:
     """Write the release layout of `params` (plain float arrays) into a new directory `path`; returns the tensors
-    written, by name. Layers are spread over `shards` files in order, as the release's are."""
+    written, by name. Layers are spread over `shards` files in order, as the release's are. tokenizer: the
+    description of the model's tokenizer (its describe()), written beside the tensors for the loaders to find."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
     tensors = release_tensors(params, cfg)
@@ -121,4 +124,6 @@ def write_release(path: str | Path, params: Params, cfg: Config, *, shards: int 
     total = sum(a.nbytes for a in tensors.values())
     (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(release_config(cfg), indent=2) + "\n")
+    if tokenizer is not None:
+        (path / DESCRIPTION_FILE).write_text(json.dumps(tokenizer, indent=2) + "\n")
     return tensors

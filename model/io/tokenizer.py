@@ -9,6 +9,7 @@ model/io/hf_tokenizer.py.
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -92,18 +93,28 @@ def tokenizer_from_description(d: dict, checkpoint_dir: str | Path | None = None
     raise ValueError(f"unknown tokenizer description {d!r}")
 
 
+# A checkpoint directory that holds this project's description of its tokenizer (a byte tokenizer has no
+# tokenizer.json): written by model/io/release.py beside a release-layout copy of one of our checkpoints.
+DESCRIPTION_FILE = "r1jax_tokenizer.json"
+
+
 def tokenizer_for(spec: str, vocab_size: int, checkpoint_dir: str | Path | None = None) -> Tokenizer:
     """The tokenizer named by a command line's --tokenizer: "bytes", "r1" (the pinned DeepSeek-R1 package), a
-    directory holding tokenizer.json, or "auto": the checkpoint directory's own tokenizer.json if it has one, else
-    R1's for a model with R1's vocabulary, else bytes. It must fit the model: every id it produces has a row."""
+    directory holding tokenizer.json, or "auto": the checkpoint directory's own (tokenizer.json, or this project's
+    description of it), refused where it has none, so that no text is ever encoded with a tokenizer the model was
+    not trained with. It must fit the model: every id it produces has a row."""
     if spec == "bytes":
         tok = ByteTokenizer(vocab_size)
     elif spec == "r1":
         tok = hf_tokenizer.HFTokenizer.r1()
     elif spec == "auto":
         tok = hf_tokenizer.load_from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        desc = Path(checkpoint_dir) / DESCRIPTION_FILE if checkpoint_dir is not None else None
+        if tok is None and desc is not None and desc.is_file():
+            tok = tokenizer_from_description(json.loads(desc.read_text()), checkpoint_dir)
         if tok is None:
-            tok = hf_tokenizer.HFTokenizer.r1() if vocab_size >= R1_MIN_VOCAB else ByteTokenizer(vocab_size)
+            raise hf_tokenizer.TokenizerError(f"{checkpoint_dir} holds no tokenizer (no tokenizer.json): name one "
+                                              f"with --tokenizer r1, bytes or a directory holding tokenizer.json")
     else:
         tok = hf_tokenizer.load_from_directory(spec)
         if tok is None:
@@ -113,7 +124,3 @@ def tokenizer_for(spec: str, vocab_size: int, checkpoint_dir: str | Path | None 
         raise hf_tokenizer.TokenizerError(f"the tokenizer produces {tok.n_tokens} ids but the model has only "
                                           f"{vocab_size} embedding rows")
     return tok
-
-
-# the smallest vocabulary R1's tokenizer fits (its BPE and added tokens); the model has 129,280 rows
-R1_MIN_VOCAB = 128_815
