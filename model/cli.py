@@ -26,7 +26,7 @@ from model.placement import check_divisible, shard_cache, shard_params
 from model.plan import ExecutionPlan
 from model.quantize import calibrate, quantize_params, with_compute_dtype
 from model.sampling import SamplingParams, sample, step_keys
-from model.train.evaluate import evaluate, format_table
+from model.train.evaluate import MIN_TEXT_BYTES, evaluate, format_table
 from model.train.quant_eval import calibration_sequences
 from quant.recipes import get_recipe
 from sharding.mesh import make_mesh
@@ -209,6 +209,10 @@ def evaluate_main(argv=None):
     ap.add_argument("--text-bytes", type=int, default=60000, help="held-out text bytes scored")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.problems < 1:
+        ap.error(f"--problems must be >= 1, got {args.problems}")
+    if args.text_bytes < MIN_TEXT_BYTES:
+        ap.error(f"--text-bytes must be >= {MIN_TEXT_BYTES} (one batch of scored chunks), got {args.text_bytes}")
     try:
         params, cfg, tok = load_any(args.checkpoint)
     except (CheckpointError, TokenizerError) as e:

@@ -28,7 +28,7 @@ import numpy as np
 
 from model.cache import init_cache
 from model.config import Config
-from model.forward import prefill
+from model.forward import check_tokens, prefill
 from model.params import Params, is_info, param_infos
 from model.plan import ExecutionPlan
 from quant import formats as F
@@ -103,8 +103,12 @@ def quantize_tree(tree, infos, recipe: str | Recipe, inputs: dict | None = None)
             amax = jnp.maximum(_amax(x, info.batch_ndim), _amax(_plain(by_path[_sibling(path, SHARES_AMAX[name])]),
                                                                 info.batch_ndim))
         scale = inputs.get(_sibling(path, SHARES_INPUT.get(name, name)))
-        out.append(_quantize_one(x, amax, scale, recipe=r, group=info.group, name=name, k_axis=info.k_axis,
-                                 batch_ndim=info.batch_ndim, k_ndim=info.k_ndim))
+        try:
+            out.append(_quantize_one(x, amax, scale, recipe=r, group=info.group, name=name, k_axis=info.k_axis,
+                                     batch_ndim=info.batch_ndim, k_ndim=info.k_ndim))
+        except ValueError as e:  # a shape the format cannot block: say which parameter
+            raise ValueError(f"recipe {r.name!r} cannot quantize {path} {tuple(info.shape)} "
+                             f"[{', '.join(map(str, info.logical_axes))}]: {e}") from None
     return treedef.unflatten(out)
 
 
@@ -167,8 +171,14 @@ def _probed(params: Params, cfg: Config):
 def calibrate(params: Params, cfg: Config, sequences, *, margin: float = 2.0) -> Calibration:
     """Run the calibration sequences (lists of token ids; each is run alone, batch 1) and return the static scales
     `quantize_params` and an FP8 cache take."""
+    sequences = list(sequences)  # a [N, T] array is N sequences
     if not sequences:
         raise ValueError("calibration needs at least one sequence")
+    for i, seq in enumerate(sequences):
+        a = np.asarray(seq)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"calibration sequence {i} must be a non-empty list of token ids, got shape {a.shape}")
+        check_tokens(cfg, a, what=f"calibration sequence {i} token ids")
     # float32 whatever the serving dtype: amax barely depends on it, and XLA:CPU has no batched bf16 x bf16 -> f32
     # dot for the gather path
     # (weights loaded quantized, the FP8 release, are observed through their dequantized values)

@@ -24,7 +24,7 @@ from model.train.training import TrainConfig
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model" / "bundled" / "checkpoint"
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None,
                     help="model config (default: the checkpoint's with --init-from, else 'bundled')")
@@ -36,20 +36,26 @@ def main():
             ap.add_argument(flag, type=type(f.default), default=f.default)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args()
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    args = ap.parse_args(argv)
+    try:
+        tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ValueError as e:
+        ap.error(str(e))
     if args.preset is None and tc.init_from:
         try:
             cfg = Config.from_dict(read_meta(tc.init_from)["config"])
         except (CheckpointError, KeyError, TypeError, ValueError) as e:
             ap.error(f"--init-from {tc.init_from}: {e}")
     else:
-        cfg = get_preset(args.preset or "bundled")
+        try:
+            cfg = get_preset(args.preset or "bundled")
+        except ValueError as e:
+            ap.error(str(e))
     print(f"config: {cfg}\ntraining: {tc}")
     try:
         train(cfg, tc, Path(args.out), overwrite=args.overwrite)
     except (CheckpointError, FileExistsError) as e:  # raised before any training
-        sys.exit(f"error: {e}")
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

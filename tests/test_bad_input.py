@@ -1,21 +1,28 @@
 """Bad input at the public boundaries, gathered in one table each: every case is refused before any compilation,
 with a message that names the problem (the parameter, the prompt, the flag)."""
 
+import importlib.util
 import math
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import generate
-from model.cli import BUNDLED_CHECKPOINT, generate_main
-from model.config import BUNDLED
+from model import calibrate, generate, quantize_params
+from model.cli import BUNDLED_CHECKPOINT, evaluate_main, generate_main
+from model.config import BUNDLED, TINY
 from model.generate import NonFiniteError
 from model.io.checkpoint import load_checkpoint, save_checkpoint
 from model.io.errors import CheckpointError
 from model.io.tokenizer import ByteTokenizer
+from model.params import abstract_params
 from model.sampling import SamplingParams
+from model.train.training import TrainConfig
 from sharding.mesh import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLING = [
     (dict(temperature=math.nan), r"temperature must be a finite number, got nan"),
@@ -123,3 +130,49 @@ def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, caps
             generate_main(argv)
         err = capsys.readouterr().err
         assert e.value.code == code and message in err and "Traceback" not in err, err
+
+
+TRAINING = [
+    (dict(steps=0), r"steps must be >= 1, got 0"),
+    (dict(lr=-1.0), r"lr must be > 0, got -1.0"),
+    (dict(lr=math.nan), r"lr must be a finite number, got nan"),
+    (dict(batch=2.5), r"batch must be a finite integer, got 2.5"),
+    (dict(seq_len=1), r"seq_len must be >= 2, got 1"),
+    (dict(text_frac=1.5), r"text_frac must be >= 0 and <= 1, got 1.5"),
+    (dict(clip=0.0), r"clip must be > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", TRAINING, ids=[str(k) for k, _ in TRAINING])
+def test_training_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_calibration_batches_and_recipes():
+    params = None  # refused before the parameters are used
+    for seqs, message in (([], "at least one sequence"), ([[5, 6], []], r"sequence 1 must be a non-empty list"),
+                          (np.zeros((2, 3, 4), np.int32), r"sequence 0 must be a non-empty list of token ids, got "
+                                                          r"shape \(3, 4\)"),
+                          ([[5, 600]], r"calibration sequence 0 token ids out of the vocabulary \[0, 512\)")):
+        with pytest.raises(ValueError, match=message):
+            calibrate(params, BUNDLED, seqs)
+    cfg = TINY.replace(moe_intermediate_size=24)  # NVFP4 blocks 16 elements of the reduction axis
+    with pytest.raises(ValueError, match=r"recipe 'nvfp4_w4a16' cannot quantize \.moe_layers\.ffn\.we2 "
+                                         r"\(2, 16, 24, 64\) \[layers, experts, expert_ffn, embed\]: the reduction "
+                                         r"axis \(24\) must be a multiple of the 16-element block"):
+        jax.eval_shape(lambda p: quantize_params(p, cfg, "nvfp4_w4a16"), abstract_params(cfg))
+
+
+def test_training_and_evaluation_command_lines(capsys):
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    for main, argv, message in ((train_script.main, ["--lr", "-1"], "lr must be > 0, got -1.0"),
+                                (train_script.main, ["--steps", "0"], "steps must be >= 1, got 0"),
+                                (evaluate_main, ["--text-bytes", "1000"], "--text-bytes must be >= 2048"),
+                                (evaluate_main, ["--problems", "0"], "--problems must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err

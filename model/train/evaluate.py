@@ -38,6 +38,9 @@ def text_bits_per_byte(params, cfg: Config, tok, text: str, chunk: int = 256, ba
         s, l = _score(params, jnp.asarray(rows[i:i + batch]), cfg=cfg)
         nats, load = nats + float(s), load + np.asarray(l)
     scored = (n - n % batch) * chunk
+    if scored == 0:
+        raise ValueError(f"text of {len(data)} bytes is shorter than one batch of {batch} chunks of {chunk} bytes "
+                         f"({batch * chunk} bytes): nothing to score")
     return nats / math.log(2) / scored, load
 
 
@@ -88,7 +91,15 @@ def expert_load(params, cfg: Config, tok, *, text_bytes: int = 60000, n_problems
                                           "both": max_over_mean(np.asarray(load_text) + np.asarray(load_arith))}}
 
 
+MIN_TEXT_BYTES = 8 * 256  # one batch of chunks (text_bits_per_byte)
+
+
 def evaluate(params, cfg: Config, tok, *, n_problems: int = 200, text_bytes: int = 60000) -> dict:
+    """Held-out bits per byte (text_bytes of the held-out split, at least MIN_TEXT_BYTES), arithmetic exact match
+    (n_problems per kind, at least 1) and the router's load."""
+    for name, v, lo in (("n_problems", n_problems, 1), ("text_bytes", text_bytes, MIN_TEXT_BYTES)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     corpus = stdlib_corpus()
     loads = expert_load(params, cfg, tok, text_bytes=text_bytes, corpus=corpus)
     return {"heldout_text_bytes": loads["heldout_text_bytes"], "bits_per_byte": loads["bits_per_byte"],

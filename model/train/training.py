@@ -8,6 +8,7 @@ per layer, so overloaded experts become less likely to be selected.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
@@ -39,6 +40,29 @@ class TrainConfig:
     pack_documents: bool = True  # arithmetic rows: each problem its own document (own positions, no cross-attention)
     answer_weight: float = 2.0  # loss weight of worked-answer tokens relative to question and text tokens
     init_from: str = ""  # a checkpoint to continue from (fresh optimizer state); empty: random init
+
+    def __post_init__(self):
+        """Refuse, before anything is built, settings that would train on nonsense or crash later."""
+        problems = []
+        for name, (lo, hi, lo_open) in _LIMITS.items():
+            v = getattr(self, name)
+            integral = name in _INTEGERS
+            if isinstance(v, bool) or not isinstance(v, int if integral else (int, float)) or not math.isfinite(v):
+                problems.append(f"{name} must be a finite {'integer' if integral else 'number'}, got {v!r}")
+            elif v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+                bounds = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+                problems.append(f"{name} must be {bounds}, got {v!r}")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
+
+# (lower bound, upper bound or None, lower bound excluded) per setting; the integer ones
+_LIMITS = {"steps": (1, None, False), "batch": (1, None, False), "seq_len": (2, None, False),
+           "warmup": (0, None, False), "lr": (0, None, True), "min_lr_frac": (0, 1, False),
+           "weight_decay": (0, None, False), "clip": (0, None, True), "mtp_weight": (0, None, False),
+           "balance_alpha": (0, None, False), "bias_update_speed": (0, None, False), "text_frac": (0, 1, False),
+           "answer_weight": (0, None, False)}
+_INTEGERS = ("steps", "batch", "seq_len", "warmup")
 
 
 def _ce(logits, targets, weights=None):
