@@ -14,6 +14,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -36,28 +38,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n_proc: int, devices_per_process: int, mesh: str, out: Path, seed: int = 11, timeout: float = 300):
-    """Start n_proc workers on localhost and wait; raises with their stderr if any fails."""
-    port = free_port()
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def launch(n_proc: int, devices_per_process: int, mesh: str, out: Path, seed: int = 11, timeout: float = 300,
+           port: int | None = None):
+    """Start n_proc workers on localhost and wait for them.
+
+    Fails fast: a taken port is refused before anything starts; as soon as any worker fails, the others are
+    stopped and the error names the worker, its exit status and the tail of its stderr; no worker outlives the
+    call (timeout included). port: the coordinator's (default: a free one)."""
+    if port is None:
+        port = free_port()
+    elif port_in_use(port):
+        raise RuntimeError(f"port {port} on 127.0.0.1 is already in use: the coordinator could not listen there "
+                           f"(choose another, or leave the port out for a free one)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    procs = [subprocess.Popen([sys.executable, "-m", "model.multihost", "--worker", str(i), "--processes",
-                               str(n_proc), "--port", str(port), "--mesh", mesh, "--out", str(out), "--seed",
-                               str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT) for i in range(n_proc)]
-    errors = []
-    for i, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"multi-host worker {i} timed out after {timeout} s") from None
-        if p.returncode:
-            errors.append(f"worker {i} exited {p.returncode}:\n" + "\n".join(
-                line for line in err.splitlines() if "Gloo" not in line)[-3000:])
-    if errors:
-        raise RuntimeError("\n".join(errors))
+    # stderr into files, not pipes: a worker that writes much never blocks on a pipe nobody reads yet
+    logs = [tempfile.TemporaryFile("w+") for _ in range(n_proc)]
+    procs = []
+    try:
+        for i in range(n_proc):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "model.multihost", "--worker", str(i), "--processes", str(n_proc), "--port",
+                 str(port), "--mesh", mesh, "--out", str(out), "--seed", str(seed)],
+                env=env, stdout=subprocess.DEVNULL, stderr=logs[i], text=True, cwd=ROOT))
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise RuntimeError("\n".join(_report(i, codes[i], logs[i]) for i in failed))
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                running = [i for i, c in enumerate(codes) if c is None]
+                raise RuntimeError(f"multi-host workers {running} still running after {timeout} s; stopped")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        for f in logs:
+            f.close()
+
+
+def _report(i: int, code: int, log) -> str:
+    log.seek(0)
+    tail = "\n".join(line for line in log.read().splitlines() if "Gloo" not in line)[-3000:]
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    return f"multi-host worker {i} {how} (the others were stopped):\n{tail}"
 
 
 def reference_run(params, cfg, mesh=None):
@@ -107,7 +146,11 @@ def main():
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args()
     if args.worker is None:
-        launch(args.processes, args.devices_per_process, args.mesh, Path(args.out), args.seed)
+        try:
+            launch(args.processes, args.devices_per_process, args.mesh, Path(args.out), args.seed,
+                   port=args.port or None)
+        except RuntimeError as e:
+            sys.exit(f"multihost: error: {e}")
         print(f"wrote {args.out}")
     else:
         _worker(args)
