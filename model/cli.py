@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from model.cache import init_cache
 from model.config import DTYPES
 from model.forward import _decode, _prefill, check_tokens
-from model.generate import NonFiniteError, raise_nonfinite
+from model.generate import NonFiniteError, generate, raise_nonfinite
 from model.io.checkpoint import load_checkpoint
 from model.io.errors import require_directory
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
@@ -59,6 +59,61 @@ def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str
     return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
 
 
+def read_prompts(path: str) -> list[dict]:
+    """--prompt-file: one prompt per line, or JSON lines {"prompt": ..., "id": ...}; "-" reads stdin. Blank lines
+    are skipped; a bad line is refused by its number."""
+    try:
+        lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt-file {path}: cannot read it ({type(e).__name__}: {e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--prompt-file {path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
+                raise ValueError(f"--prompt-file {path}, line {n}: a JSON line needs a \"prompt\" string")
+            out.append({"id": d.get("id", len(out)), "prompt": d["prompt"]})
+        else:
+            out.append({"id": len(out), "prompt": line})
+    if not out:
+        raise ValueError(f"--prompt-file {path}: no prompts in it")
+    return out
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """text up to the first stop string (excluded), and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class StopStrings:
+    """Streaming with stop strings: feed text pieces, get what may be printed now. A tail that could begin a stop
+    string is held back until the next piece decides it."""
+
+    def __init__(self, stops):
+        self.stops, self.held, self.hit = [s for s in stops if s], "", False
+
+    def feed(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        text, self.hit = cut_at_stop(self.held + piece, self.stops)
+        if self.hit:
+            self.held = ""
+            return text
+        keep = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
 def _report_to_stderr() -> None:
     """The library's own reports (host memory a load holds, ...) as bracketed lines on stderr."""
     log = logging.getLogger("r1jax")
@@ -76,8 +131,9 @@ def _sample_one(logits, step, sp):
 
 
 def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_ids, on_token, max_len=None,
-                    kv_scale=None, plan: ExecutionPlan = ExecutionPlan()):
-    """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced.
+                    kv_scale=None, plan: ExecutionPlan = ExecutionPlan(), until=None):
+    """Host-side loop over the jitted prefill/decode_step, calling on_token(id) as each token is produced (and
+    stopping early once until(), if given, is true: a stop string seen).
 
     Returns (new ids, seconds to the first token, seconds for the rest)."""
     if max_len is None:
@@ -97,7 +153,7 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
     t_first = time.perf_counter() - t0
     on_token(ids[0])
     t1 = time.perf_counter()
-    while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
+    while ids[-1] not in stop_ids and len(ids) < max_new_tokens and not (until is not None and until()):
         logits, cache = _decode(params, cache, tok, cfg=cfg, plan=plan)
         tok, finite = _sample_one(logits, jnp.int32(len(ids)), sp=sampling)
         if not bool(finite):
@@ -113,6 +169,12 @@ def generate_main(argv=None):
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--prompt-file", default=None,
+                    help="generate for every prompt in this file, batched: one per line, or JSON lines "
+                    "{\"prompt\": ..., \"id\": ...}; - reads stdin (request ids 0, 1, ... seed the sampling)")
+    ap.add_argument("--json", action="store_true", help="with --prompt-file: one JSON object per request (text, "
+                    "every generated token id, finish reason stop or length, token counts, the batch's seconds)")
+    ap.add_argument("--stop", action="append", default=[], help="a stop string (repeatable): the text ends before it")
     ap.add_argument("--chat", action="store_true",
                     help="wrap --prompt in the tokenizer's chat format (for R1: a user turn, then <think>)")
     ap.add_argument("--tokenizer", default="auto",
@@ -148,6 +210,14 @@ def generate_main(argv=None):
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         ap.error(f"--prompt is not valid text: {e.reason} at character {e.start}")
+    if args.json and not args.prompt_file:
+        ap.error("--json goes with --prompt-file")
+    requests = None
+    if args.prompt_file:
+        try:
+            requests = read_prompts(args.prompt_file)
+        except ValueError as e:
+            ap.error(str(e))
     _report_to_stderr()
     try:
         mesh = make_mesh(args.mesh) if args.mesh else None
@@ -155,15 +225,20 @@ def generate_main(argv=None):
         later = mesh is not None and (recipe.quantizes or recipe.kv_fp8)
         params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if later else mesh, dtype=args.dtype,
                                     check_finite=False if args.no_finite_check else None)
-        if mesh is not None:
+        if mesh is not None and requests is None:
             check_divisible(cfg, mesh, batch=1)
     except (CheckpointError, TokenizerError, ValueError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
-    prompt_ids = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, add_bos=True)
-    check_tokens(cfg, tok.check_ids(prompt_ids, "prompt token ids"), "prompt token ids")
-    if len(prompt_ids) + args.max_new_tokens > cfg.max_position_embeddings:
-        ap.error(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-                 f"{cfg.max_position_embeddings} positions")
+    texts = [r["prompt"] for r in requests] if requests else [args.prompt]
+    all_ids = []
+    for i, text in enumerate(texts):
+        ids = tok.chat_prompt(text) if args.chat else tok.encode(text, add_bos=True)
+        check_tokens(cfg, tok.check_ids(ids, f"prompt {i} token ids"), f"prompt {i} token ids")
+        if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
+            ap.error(f"prompt {i} ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                     f"{cfg.max_position_embeddings} positions")
+        all_ids.append(ids)
+    prompt_ids = all_ids[0]
     if args.max_new_tokens == 0:
         print(args.prompt)
         return
@@ -175,6 +250,9 @@ def generate_main(argv=None):
         if mesh is not None:
             params = shard_params(params, cfg, mesh)
     plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
+    if requests is not None:
+        _generate_batch(ap, args, requests, all_ids, params, cfg, tok, sampling, kv_scale, plan)
+        return
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
     t0 = time.perf_counter()
@@ -187,18 +265,47 @@ def generate_main(argv=None):
     decode = tok.stream_decoder() if hasattr(tok, "stream_decoder") else (lambda i: tok.decode([i]))
     print(args.prompt, end="", flush=True)
 
+    stop_text = StopStrings(args.stop)
+
     def show(i):
         if i != tok.eos_id:
-            print(decode(i), end="", flush=True)
+            print(stop_text.feed(decode(i)), end="", flush=True)
     try:
         ids, t_first, t_rest = stream_generate(params, cfg, prompt_ids, max_new_tokens=args.max_new_tokens,
                                                sampling=sampling, stop_ids=(tok.eos_id,), on_token=show,
-                                               max_len=max_len, kv_scale=kv_scale, plan=plan)
+                                               max_len=max_len, kv_scale=kv_scale, plan=plan,
+                                               until=lambda: stop_text.hit)
     except NonFiniteError as e:
         ap.exit(1, f"\n{ap.prog}: error: {e}\n")
+    print(stop_text.flush(), end="")
     rate = (len(ids) - 1) / t_rest if len(ids) > 1 and t_rest > 0 else float("nan")
     print(f"\n[prompt tokens {len(prompt_ids)}, new tokens {len(ids)}, time to first token {t_first * 1e3:.1f} ms, "
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
+
+
+def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, sampling, kv_scale, plan):
+    """--prompt-file: every prompt in one batched `generate` (request ids 0, 1, ...: the same tokens as each alone
+    with its request id), printed as text or JSON lines."""
+    t0 = time.perf_counter()
+    try:
+        out = generate(params, cfg, all_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop_tokens=[tok.eos_id], request_ids=list(range(len(all_ids))), kv_scale=kv_scale, plan=plan)
+    except NonFiniteError as e:
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
+    seconds = time.perf_counter() - t0
+    for r, ids, row, n, ended in zip(requests, all_ids, out.tokens, out.num_generated, out.stopped):
+        new = row[:n].tolist()
+        body = new[:-1] if ended else new
+        text, cut = cut_at_stop(tok.decode(body), args.stop)
+        if args.json:
+            print(json.dumps({"id": r["id"], "prompt": r["prompt"], "text": text, "token_ids": body,
+                              "finish_reason": "stop" if ended or cut else "length", "prompt_tokens": len(ids),
+                              "new_tokens": len(new), "batch_seconds": round(seconds, 4)}, ensure_ascii=False))
+        else:
+            print(r["prompt"] + text)
+    total = int(out.num_generated.sum())
+    print(f"[requests {len(requests)}, new tokens {total}, {seconds:.2f} s with compilation, "
+          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
 def evaluate_main(argv=None):

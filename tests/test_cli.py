@@ -1,0 +1,54 @@
+"""generate.py for scripting: a prompt file generated as one batch gives each prompt the tokens it gets alone with
+its request id (greedy and seeded), as JSON lines; stop strings end the text, streamed or not."""
+
+import json
+
+import pytest
+
+from model import SamplingParams, generate
+from model.cli import BUNDLED_CHECKPOINT, StopStrings, cut_at_stop, generate_main, load_any
+
+PROMPTS = ["Return the number of", "The ", "def f(x):", "12+34=", "a", "Hello world", "x = ", "import"]
+
+
+def test_a_prompt_file_is_each_prompt_alone(tmp_path, capsys):
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(PROMPTS[:6]) + "\n\n" + "\n".join(json.dumps({"prompt": p, "id": f"j{i}"})
+                                                               for i, p in enumerate(PROMPTS[6:])) + "\n")
+    params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
+    for flags, sp in ((["--temperature", "0"], SamplingParams()),
+                      (["--temperature", "0.8", "--seed", "3"], SamplingParams(temperature=0.8, top_p=0.95, seed=3))):
+        generate_main(["--prompt-file", str(file), "--json", "--max-new-tokens", "12", *flags])
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["prompt"] for r in rows] == PROMPTS and rows[7]["id"] == "j1"
+        for i, (p, r) in enumerate(zip(PROMPTS, rows)):
+            alone = generate(params, cfg, [tok.encode(p, add_bos=True)], max_new_tokens=12, sampling=sp,
+                             stop_tokens=[tok.eos_id], request_ids=[i])
+            assert r["token_ids"] == alone.sequences()[0], p
+            assert r["text"] == tok.decode(r["token_ids"]) and r["finish_reason"] in ("stop", "length")
+
+
+def test_stop_strings():
+    assert cut_at_stop("abc STOP de", ["de", "STOP"]) == ("abc ", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    s = StopStrings(["STOP"])
+    assert [s.feed(x) for x in ("ab", "cS", "TO", "Pxyz")] == ["ab", "c", "", ""] and s.hit
+    s = StopStrings(["STOP"])
+    assert (s.feed("abST"), s.feed("x"), s.flush()) == ("ab", "STx", "")
+    s = StopStrings(["STOP"])
+    assert (s.feed("abSTO"), s.flush()) == ("ab", "STO")   # the end of generation releases what was held
+
+
+def test_bad_prompt_files_are_named(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for argv, message in ((["--prompt-file", str(tmp_path / "none.txt")], "cannot read it"),
+                          (["--prompt-file", str(bad)], 'line 2: a JSON line needs a "prompt" string'),
+                          (["--prompt-file", str(empty)], "no prompts in it"),
+                          (["--json"], "--json goes with --prompt-file")):
+        with pytest.raises(SystemExit) as e:
+            generate_main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
