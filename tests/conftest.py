@@ -11,6 +11,15 @@ import pytest
 jax.config.update("jax_enable_x64", False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop every compiled program after each test module. One process compiles thousands of programs over the
+    suite, and each XLA:CPU executable holds memory mappings of its own: kept to the end, they approach the
+    kernel's per-process limit (vm.max_map_count, 65530), where a later compilation crashes."""
+    yield
+    jax.clear_caches()
+
+
 
 @pytest.fixture(scope="session")
 def release(tmp_path_factory):

@@ -123,7 +123,7 @@ def test_bad_inputs_raise_before_compiling(params, monkeypatch):
         generate(params, CFG, [[1, 2]], max_new_tokens=3, stop_tokens=[9999])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(params, CFG, [[1], []], max_new_tokens=3)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
         generate(params, CFG, [[1]], max_new_tokens=-1)
     with pytest.raises(ValueError, match="exceeds the cache length"):
         generate(params, CFG, [list(range(500))], max_new_tokens=20)
