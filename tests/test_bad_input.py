@@ -134,7 +134,7 @@ def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, caps
 
 TRAINING = [
     (dict(steps=0), r"steps must be >= 1, got 0"),
-    (dict(lr=-1.0), r"lr must be > 0, got -1.0"),
+    (dict(lr=-1.0), r"lr must be >= 0, got -1.0"),
     (dict(lr=math.nan), r"lr must be a finite number, got nan"),
     (dict(batch=2.5), r"batch must be a finite integer, got 2.5"),
     (dict(seq_len=1), r"seq_len must be >= 2, got 1"),
@@ -168,7 +168,7 @@ def test_training_and_evaluation_command_lines(capsys):
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
     train_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_script)
-    for main, argv, message in ((train_script.main, ["--lr", "-1"], "lr must be > 0, got -1.0"),
+    for main, argv, message in ((train_script.main, ["--lr", "-1"], "lr must be >= 0, got -1.0"),
                                 (train_script.main, ["--steps", "0"], "steps must be >= 1, got 0"),
                                 (evaluate_main, ["--text-bytes", "1000"], "--text-bytes must be >= 2048"),
                                 (evaluate_main, ["--problems", "0"], "--problems must be >= 1, got 0")):

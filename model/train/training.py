@@ -58,7 +58,7 @@ class TrainConfig:
 
 # (lower bound, upper bound or None, lower bound excluded) per setting; the integer ones
 _LIMITS = {"steps": (1, None, False), "batch": (1, None, False), "seq_len": (2, None, False),
-           "warmup": (0, None, False), "lr": (0, None, True), "min_lr_frac": (0, 1, False),
+           "warmup": (0, None, False), "lr": (0, None, False), "min_lr_frac": (0, 1, False),
            "weight_decay": (0, None, False), "clip": (0, None, True), "mtp_weight": (0, None, False),
            "balance_alpha": (0, None, False), "bias_update_speed": (0, None, False), "text_frac": (0, 1, False),
            "answer_weight": (0, None, False)}
