@@ -38,7 +38,7 @@ import numpy as np
 from model.config import Config
 from model.io import layered
 from model.io.errors import CheckpointError
-from model.io.hf_checkpoint import check_tensors, open_hf_directory, read_item
+from model.io.hf_checkpoint import check_tensors, item_prefix, open_hf_directory, read_item
 from model.io.hf_tokenizer import TokenizerError
 from model.io.tokenizer import tokenizer_for
 from model.params import Layer, Moe, Params, param_infos, unstacked
@@ -98,13 +98,9 @@ def _size(n: float) -> str:
 
 def _item_sources(tensors, cfg: Config, item: str) -> list[str]:
     """The source tensor names an item reads (its layer's prefix; the globals are the rest outside any layer)."""
-    stack, _, idx = item.partition(".")
     if item == "globals":
         return [k for k in tensors if not k.startswith("model.layers.")]
-    if item == "mtp":
-        prefix = f"model.layers.{cfg.num_hidden_layers}."
-    else:
-        prefix = f"model.layers.{int(idx) + (cfg.first_k_dense_replace if stack == 'moe_layers' else 0)}."
+    prefix = item_prefix(cfg, item)
     return [k for k in tensors if k.startswith(prefix)]
 
 

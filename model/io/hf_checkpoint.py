@@ -236,7 +236,7 @@ def _stack_layers(layers: list[Layer]) -> Layer:
     return jax.tree.map(one, *layers, is_leaf=lambda x: x is None or isinstance(x, QArray))
 
 
-def _item_prefix(cfg: Config, item: str) -> str:
+def item_prefix(cfg: Config, item: str) -> str:
     """The checkpoint name prefix of a layer item ('moe_layers.002' -> 'model.layers.3.' with one dense layer)."""
     if item == "mtp":
         return f"model.layers.{cfg.num_hidden_layers}."
@@ -249,7 +249,7 @@ def _read_raw(r: _Reader, cfg: Config, infos: Params, item: str) -> dict:
     if item == "globals":
         return {"embed": r.get("model.embed_tokens.weight", infos.embed),
                 "norm": r.get("model.norm.weight", infos.norm), "lm_head": r.get("lm_head.weight", infos.lm_head, _t)}
-    pre = _item_prefix(cfg, item)
+    pre = item_prefix(cfg, item)
     if item == "mtp":
         m = infos.mtp
         # the release stores the shared embedding and head again in the MTP layer: the same tensors, not read twice
@@ -277,7 +277,7 @@ def _raise_problems(r: _Reader, tensors, cfg: Config, *, strict: bool, with_mtp:
             problems.append(f"{len(items)} {kind} tensor(s): " + "; ".join(items[:10])
                             + (" ..." if len(items) > 10 else ""))
     if strict:
-        mtp_prefix = _item_prefix(cfg, "mtp")
+        mtp_prefix = item_prefix(cfg, "mtp")
         extra = sorted(k for k in tensors if k not in r.used and not (not with_mtp and k.startswith(mtp_prefix)))
         if extra:
             problems.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(extra[:10]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -139,20 +140,14 @@ def save_item(root: Path, item: str, arrays: dict[str, object]) -> dict[str, str
     final = root / "params" / item
     tmp = root / "params" / f"{item}.partial"
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp.resolve(), arrays)
     ckptr.wait_until_finished()
     if final.exists():
-        _rmtree(final)
+        shutil.rmtree(final)
     tmp.rename(final)
     return hash_files(root, f"params/{item}")
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def meta_dict(cfg: Config, params_or_quantized, *, with_mtp: bool, tokenizer: dict | None, recipes: list[str],
@@ -176,7 +171,7 @@ def finalize(partial_dir: Path, final: Path, meta: dict, hashes: dict[str, str],
     if final.exists():
         if not overwrite:
             raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
-        _rmtree(final)
+        shutil.rmtree(final)
     partial_dir.rename(final)
     return final
 
@@ -189,7 +184,7 @@ def save_layered(path: str | Path, params: Params, cfg: Config, *, tokenizer: di
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tmp = path.parent / f"{path.name}.partial"
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     (tmp / "params").mkdir(parents=True)
     with_mtp = params.mtp is not None
     hashes: dict[str, str] = {}
