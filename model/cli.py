@@ -1,8 +1,11 @@
-"""Command-line entry points: `r1jax-generate` (scripts/generate.py) and `r1jax-evaluate` (scripts/evaluate.py)."""
+"""Command-line entry points: `r1jax-generate` (scripts/generate.py) and `r1jax-evaluate` (scripts/evaluate.py).
+
+generate_main / evaluate_main(argv) do the work and return (tests call them); generate_command / evaluate_command
+run them under the tools' conventions (model/command.py: exit statuses, --debug, a closed pipe)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -13,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from model import command
 from model.cache import init_cache
 from model.config import DTYPES
 from model.forward import _decode, _prefill, check_tokens
@@ -59,9 +63,13 @@ def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str
     return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
 
 
+REQUEST_FIELDS = ("prompt", "id", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop")
+
+
 def read_prompts(path: str) -> list[dict]:
-    """--prompt-file: one prompt per line, or JSON lines {"prompt": ..., "id": ...}; "-" reads stdin. Blank lines
-    are skipped; a bad line is refused by its number."""
+    """--prompt-file: one prompt per line, or JSON lines {"prompt": ..., "id": ...} with, optionally, the request's
+    own "temperature", "top_p", "top_k", "seed", "max_new_tokens" and "stop" (a list of strings), which override the
+    command line's; "-" reads stdin. Blank lines are skipped; a bad line is refused by its number and field."""
     try:
         lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -70,25 +78,58 @@ def read_prompts(path: str) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("{"):
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--prompt-file {path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
-                raise ValueError(f"--prompt-file {path}, line {n}: a JSON line needs a \"prompt\" string")
-            out.append({"id": d.get("id", len(out)), "prompt": d["prompt"]})
-        else:
+        if not line.lstrip().startswith("{"):
             out.append({"id": len(out), "prompt": line})
+            continue
+        where = f"--prompt-file {path}, line {n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
+            raise ValueError(f'{where}: a JSON line needs a "prompt" string')
+        unknown = sorted(set(d) - set(REQUEST_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; a request may set {list(REQUEST_FIELDS)}")
+        stop = d.get("stop", [])
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise ValueError(f'{where}: "stop" must be a list of strings, got {stop!r}')
+        m = d.get("max_new_tokens")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f'{where}: "max_new_tokens" must be an integer >= 1, got {m!r}')
+        out.append({"id": len(out), **d})
     if not out:
         raise ValueError(f"--prompt-file {path}: no prompts in it")
     return out
+
+
+def request_settings(r: dict, sampling: SamplingParams, max_new_tokens: int, stop: list[str], where: str):
+    """A prompt file's request: (its SamplingParams, max_new_tokens, stop strings), its own fields over the
+    command line's, the sampling checked as `SamplingParams` checks it, named by `where`."""
+    fields = {k: r[k] for k in ("temperature", "top_p", "top_k", "seed") if k in r}
+    try:
+        sp = dataclasses.replace(sampling, **fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return sp, r.get("max_new_tokens", max_new_tokens), stop + r.get("stop", [])
 
 
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     """text up to the first stop string (excluded), and whether one was found."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return (text[:min(hits)], True) if hits else (text, False)
+
+
+def ids_through_stop(ids: list[int], decode, stops) -> list[int]:
+    """The shortest prefix of ids whose text holds a stop string (all of ids when none does): the tokens a
+    request generated up to its stop. Binary search: a longer prefix holds whatever a shorter one does."""
+    if not cut_at_stop(decode(ids), stops)[1]:
+        return ids
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cut_at_stop(decode(ids[:mid]), stops)[1] else (mid + 1, hi)
+    return ids[:lo]
 
 
 class StopStrings:
@@ -164,8 +205,7 @@ def stream_generate(params, cfg, prompt_ids, *, max_new_tokens, sampling, stop_i
 
 
 def generate_main(argv=None):
-    ap = argparse.ArgumentParser(prog="r1jax-generate", description="Generate text, streamed as it is produced.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = command.parser("r1jax-generate", "Generate text, streamed as it is produced.")
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT),
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -216,6 +256,9 @@ def generate_main(argv=None):
     if args.prompt_file:
         try:
             requests = read_prompts(args.prompt_file)
+            for i, r in enumerate(requests):
+                r["settings"] = request_settings(r, sampling, args.max_new_tokens, args.stop,
+                                                 f"--prompt-file {args.prompt_file}, request {i}")
         except ValueError as e:
             ap.error(str(e))
     _report_to_stderr()
@@ -234,12 +277,13 @@ def generate_main(argv=None):
     for i, text in enumerate(texts):
         ids = tok.chat_prompt(text) if args.chat else tok.encode(text, add_bos=True)
         check_tokens(cfg, tok.check_ids(ids, f"prompt {i} token ids"), f"prompt {i} token ids")
-        if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
-            ap.error(f"prompt {i} ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+        n_new = requests[i]["settings"][1] if requests else args.max_new_tokens
+        if len(ids) + n_new > cfg.max_position_embeddings:
+            ap.error(f"prompt {i} ({len(ids)} tokens) + max_new_tokens {n_new} exceeds the model's "
                      f"{cfg.max_position_embeddings} positions")
         all_ids.append(ids)
     prompt_ids = all_ids[0]
-    if args.max_new_tokens == 0:
+    if args.max_new_tokens == 0 and requests is None:
         print(args.prompt)
         return
     kv_scale = None
@@ -251,7 +295,7 @@ def generate_main(argv=None):
             params = shard_params(params, cfg, mesh)
     plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
     if requests is not None:
-        _generate_batch(ap, args, requests, all_ids, params, cfg, tok, sampling, kv_scale, plan)
+        _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan)
         return
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
@@ -283,34 +327,46 @@ def generate_main(argv=None):
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
 
 
-def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, sampling, kv_scale, plan):
-    """--prompt-file: every prompt in one batched `generate` (request ids 0, 1, ...: the same tokens as each alone
-    with its request id), printed as text or JSON lines."""
-    t0 = time.perf_counter()
-    try:
-        out = generate(params, cfg, all_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       stop_tokens=[tok.eos_id], request_ids=list(range(len(all_ids))), kv_scale=kv_scale, plan=plan)
-    except NonFiniteError as e:
-        ap.exit(1, f"{ap.prog}: error: {e}\n")
+def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan):
+    """--prompt-file: the requests batched through `generate`, one batch per distinct (sampling, max_new_tokens)
+    with request ids 0, 1, ... (their order in the file), so each gets the tokens it gets alone with its request
+    id; printed in file order as text or JSON lines."""
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r["settings"][:2], []).append(i)
+    results, t0 = {}, time.perf_counter()
+    for (sp, n_new), rows in groups.items():
+        if n_new == 0:
+            results.update({i: ([], False) for i in rows})
+            continue
+        try:
+            out = generate(params, cfg, [all_ids[i] for i in rows], max_new_tokens=n_new, sampling=sp,
+                           stop_tokens=[tok.eos_id], request_ids=rows, kv_scale=kv_scale, plan=plan)
+        except NonFiniteError as e:
+            ap.exit(1, f"{ap.prog}: error: {e}\n")
+        results.update({i: (row[:n].tolist(), bool(ended))
+                        for i, row, n, ended in zip(rows, out.tokens, out.num_generated, out.stopped)})
     seconds = time.perf_counter() - t0
-    for r, ids, row, n, ended in zip(requests, all_ids, out.tokens, out.num_generated, out.stopped):
-        new = row[:n].tolist()
+    for i, (r, ids) in enumerate(zip(requests, all_ids)):
+        new, ended = results[i]
         body = new[:-1] if ended else new
-        text, cut = cut_at_stop(tok.decode(body), args.stop)
+        stops = r["settings"][2]
+        if stops:
+            new = body = ids_through_stop(body, tok.decode, stops)
+        text, cut = cut_at_stop(tok.decode(body), stops)
         if args.json:
             print(json.dumps({"id": r["id"], "prompt": r["prompt"], "text": text, "token_ids": body,
                               "finish_reason": "stop" if ended or cut else "length", "prompt_tokens": len(ids),
                               "new_tokens": len(new), "batch_seconds": round(seconds, 4)}, ensure_ascii=False))
         else:
             print(r["prompt"] + text)
-    total = int(out.num_generated.sum())
-    print(f"[requests {len(requests)}, new tokens {total}, {seconds:.2f} s with compilation, "
-          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
+    total = sum(len(v[0]) for v in results.values())
+    print(f"[requests {len(requests)} in {len(groups)} batch(es), new tokens {total}, {seconds:.2f} s with "
+          f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
 def evaluate_main(argv=None):
-    ap = argparse.ArgumentParser(prog="r1jax-evaluate", description="Held-out bits per byte and arithmetic "
-                                 "exact match.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = command.parser("r1jax-evaluate", "Held-out bits per byte and arithmetic exact match.")
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT))
     ap.add_argument("--problems", type=int, default=200, help="held-out problems per kind")
     ap.add_argument("--text-bytes", type=int, default=60000, help="held-out text bytes scored")
@@ -329,3 +385,11 @@ def evaluate_main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def generate_command(argv=None):
+    command.run(generate_main, argv, "r1jax-generate")
+
+
+def evaluate_command(argv=None):
+    command.run(evaluate_main, argv, "r1jax-evaluate")

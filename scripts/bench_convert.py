@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import command
 from model.config import SMALL
 
 BENCH = SMALL.replace(
@@ -65,15 +66,15 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = command.parser("bench_convert", __doc__)
     ap.add_argument("--workdir", default="/tmp/r1jax_bench_convert")
     ap.add_argument("--weights", nargs="+", default=["fp8", "r1_fp4"])
     ap.add_argument("--layers", type=int, default=8, help="layers of the source (one dense), MTP aside")
     ap.add_argument("--bound-factor", type=float, default=3.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--write-source", default=None, help=argparse.SUPPRESS)  # the source, in a process of its own
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.write_source:
         from model.io.release import write_random_release
 
@@ -117,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -15,7 +15,6 @@ microseconds to wake, which every hand-over between XLA:CPU's threads pays. The 
 `--idle default` leaves the machine's setting; the header says which one the run had.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -30,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax
 from bench_util import MatvecBandwidth, bench_ours, decode_bytes_per_step, idle_polling, try_hf
 
+from model import command
 from model.config import get_preset
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = command.parser("bench_decode", __doc__)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prefill-lengths", nargs="+", type=int, default=[128, 512])
@@ -46,7 +46,7 @@ def main():
                          "on with the default); default: leave the machine's setting")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.idle == "poll":
         with idle_polling() as idle:
             run(args, idle.detail)
@@ -97,4 +97,4 @@ def run(args, idle: str):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -4,7 +4,6 @@ loop): tokens/s of `generate` with the check on and off, side by side in one run
     python scripts/bench_finite_check.py --json docs/bench_finite_check.json
 """
 
-import argparse
 import json
 import os
 import platform
@@ -18,18 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import numpy as np
 
-from model import generate, init
+from model import command, generate, init
 from model.config import get_preset
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = command.parser("bench_finite_check", __doc__)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for preset in args.presets:
         cfg = get_preset(preset).replace(num_nextn_predict_layers=0)
@@ -60,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -6,7 +6,6 @@ programs), not a speed-up. Prints a table; --json writes it.
     python scripts/bench_sharding.py --presets tiny small --json docs/bench_sharding.json
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_util import median_time
 
-from model import ExecutionPlan, shard_cache, shard_params
+from model import ExecutionPlan, command, shard_cache, shard_params
 from model.cache import init_cache
 from model.config import get_preset
 from model.forward import _decode, _prefill
@@ -49,14 +48,14 @@ def run(cfg, params, plan, batch, steps, repeats):
     return batch * steps / t
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = command.parser("bench_sharding", __doc__)
     ap.add_argument("--presets", nargs="+", default=["tiny"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for name in args.presets:
         cfg = get_preset(name)
@@ -80,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -8,19 +8,19 @@ one layer at a time, resumable (model/io/convert.py says how, and how much memor
 Run the same command again after an interruption: it continues where it stopped.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import command
 from model.io.convert import WEIGHTS, convert
 from model.io.errors import CheckpointError
 from model.io.hf_tokenizer import TokenizerError
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="convert", description=__doc__.split("\n\n")[0])
+    ap = command.parser("convert", __doc__)
     ap.add_argument("src", help="the release directory (config.json, *.safetensors, the index)")
     ap.add_argument("dst", help="the checkpoint to write (written as DST.partial, renamed when complete)")
     ap.add_argument("--dtype", default=None, help="compute dtype of the converted model (default: the config's)")
@@ -41,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

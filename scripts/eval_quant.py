@@ -6,20 +6,20 @@ byte, arithmetic exact match, greedy-token agreement and mean KL to BF16, weight
     python scripts/eval_quant.py --rows bf16,r1_fp4,nvfp4_w4a4+attn --problems 50
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import command
 from model.cli import BUNDLED_CHECKPOINT, load_any
 from model.train.quant_eval import DEFAULT_ROWS, HEADER, eval_quant, format_table, plot
 from quant.recipes import get_recipe
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.parser("eval_quant", __doc__)
     ap.add_argument("--checkpoint", default=str(BUNDLED_CHECKPOINT))
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated recipes; the first is the "
                     "reference for agreement and KL")
@@ -46,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cli import evaluate_main
+from model.cli import evaluate_command
 
 if __name__ == "__main__":
-    evaluate_main()
+    evaluate_command()

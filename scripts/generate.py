@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cli import generate_main
+from model.cli import generate_command
 
 if __name__ == "__main__":
-    generate_main()
+    generate_command()

@@ -18,7 +18,6 @@ outside still leaves everything measured before it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 
+from model import command
 from pallas_kernels import bench as kb
 
 BUDGETS = {"env": 15, "meters": 30, "lower": 40, "correct": 90, "kernels": 180, "layer": 150, "model": 90}
@@ -242,7 +242,7 @@ STAGES = {"env": None, "meters": meter_cases, "lower": lower_cases, "correct": c
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.parser("gpu_check", __doc__)
     ap.add_argument("out", type=Path, help="directory for gpu_check.json and gpu_check.md")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, interpret mode: proves the script anywhere")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -270,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command.run(main)

@@ -8,14 +8,18 @@ Writes tests/fixtures/hf_tiny/{config.json, model.safetensors, reference.npz}.
     pip install -e '.[reference]' && python scripts/make_reference_fixture.py
 """
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import command
 
 HF_CONFIG = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
@@ -44,11 +48,11 @@ def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
                 b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = command.parser("make_reference_fixture", __doc__)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/hf_tiny"))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     cfg = transformers.DeepseekV3Config(**HF_CONFIG)
@@ -76,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -11,15 +11,16 @@ tests read in place of the 671B release.
 The directory must not exist yet (nothing is overwritten).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import command
+
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.parser("make_release_fixture", __doc__)
     ap.add_argument("out", help="the directory to create")
     ap.add_argument("--preset", default="release_tiny", help="the config of random weights (model/config.py)")
     ap.add_argument("--checkpoint", default=None, help="write this checkpoint of the project's instead")
@@ -52,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -6,16 +6,22 @@
     python scripts/plan.py --restore --disk-gbps 2                  # restoring a converted checkpoint: bytes, time
 """
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+from model import command
+from model.config import get_preset
+from model.memory import compile_decode, format_plan, format_restore, plan, restore_plan
+from quant.recipes import get_recipe
+from sharding.mesh import make_mesh, parse_mesh_spec
+
+
+def main(argv=None):
+    ap = command.parser("plan", __doc__)
     ap.add_argument("--preset", default="r1_671b")
     ap.add_argument("--mesh", default="expert=8")
     ap.add_argument("--recipe", default="fp8_w8a8", help="a recipe of quant/recipes.py, modifiers included")
@@ -26,18 +32,20 @@ def main():
     ap.add_argument("--disk-gbps", type=float, default=2.0, help="disk read bandwidth for --restore, GB/s")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=4096)
-    args = ap.parse_args()
-    from sharding.mesh import parse_mesh_spec
-    n = 1
-    for v in parse_mesh_spec(args.mesh).values():
-        n *= v
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from model.config import get_preset
-    from model.memory import compile_decode, format_plan, format_restore, plan, restore_plan
-    from sharding.mesh import make_mesh
-
-    cfg = get_preset(args.preset)
+    args = ap.parse_args(argv)
+    try:
+        n = 1
+        for v in parse_mesh_spec(args.mesh).values():
+            n *= v
+        cfg = get_preset(args.preset)
+        get_recipe(args.recipe)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.memory_gb <= 0 or args.disk_gbps <= 0 or args.batch < 1 or args.max_len < 1:
+        ap.error("--memory-gb and --disk-gbps must be positive, --batch and --max-len >= 1")
+    # a plan needs no accelerator: n emulated CPU devices (set before JAX's first operation)
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
     mesh = make_mesh(args.mesh)
     print(format_plan(plan(cfg, mesh, recipe=args.recipe, device_memory_gb=args.memory_gb), cfg))
     if args.restore:
@@ -55,4 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

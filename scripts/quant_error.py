@@ -5,7 +5,6 @@ activations (W4A4 / W8A8) quantized. A table, and JSON with --json.
     python scripts/quant_error.py --json docs/quant_error.json
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import command
 from quant import formats as F
 from quant.qarray import dequantize, quantize, quantize_activation
 from quant.recipes import mxfp4_search_exponents, nvfp4_search_block_scales
@@ -48,7 +48,7 @@ def weight_rows(w):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.parser("quant_error", __doc__)
     ap.add_argument("--size", type=int, default=1024, help="weights are size x size")
     ap.add_argument("--tokens", type=int, default=256, help="activation rows for the matmul figures")
     ap.add_argument("--json", default=None)
@@ -85,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

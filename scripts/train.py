@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import command
 from model.config import Config, get_preset
 from model.io.checkpoint import read_meta
 from model.io.hf_checkpoint import CheckpointError
@@ -25,7 +26,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model" / "bundled" / "check
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.parser("train", __doc__)
     ap.add_argument("--preset", default=None,
                     help="model config (default: the checkpoint's with --init-from, else 'bundled')")
     for f in dataclasses.fields(TrainConfig):
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

@@ -176,3 +176,63 @@ def test_training_and_evaluation_command_lines(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+TOOLS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if "__main__" in p.read_text())
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_tool_takes_the_conventions(capsys):
+    """Every script with a main runs under model/command.py: --debug and defaults in --help, a bad flag is a
+    one-line usage error with status 2."""
+    assert {"generate", "evaluate", "train", "plan", "convert", "bench_decode", "gpu_check"} <= set(TOOLS)
+    for name in TOOLS:
+        tail = (ROOT / "scripts" / f"{name}.py").read_text().split('if __name__ == "__main__":')[1]
+        assert tail.strip() in ("command.run(main)", f"{name}_command()"), name
+        if name == "make_reference_fixture" and importlib.util.find_spec("torch") is None:
+            continue
+        main = {"generate": generate_main, "evaluate": evaluate_main}.get(name) or _script(name).main
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and "--debug" in out and "(default:" in out, (name, out)
+        with pytest.raises(SystemExit) as e:
+            main(["--no-such-flag"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and ": error: " in err.splitlines()[-1] and "Traceback" not in err, (name, err)
+
+
+def test_failures_are_one_line_unless_debug(capsys):
+    from model.command import FAILURE, INTERRUPTED, run
+
+    def fails(argv):
+        raise RuntimeError("the disk is full\nsecond line")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for main, argv, code, message in ((fails, [], FAILURE, "tool: error: RuntimeError: the disk is full (--debug "),
+                                      (interrupted, [], INTERRUPTED, "tool: interrupted"),
+                                      (lambda argv: 3, [], 3, ""), (lambda argv: None, [], 0, "")):
+        with pytest.raises(SystemExit) as e:
+            run(main, argv, "tool")
+        err = capsys.readouterr().err
+        assert e.value.code == code and message in err and "Traceback" not in err and "second" not in err
+    with pytest.raises(RuntimeError, match="the disk is full"):  # --debug: the exception itself, traceback and all
+        run(fails, ["--debug"], "tool")
+
+
+def test_a_closed_output_pipe_ends_a_tool_quietly():
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "plan.py"), "--preset", "tiny", "--mesh", "expert=1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

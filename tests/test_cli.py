@@ -1,31 +1,38 @@
 """generate.py for scripting: a prompt file generated as one batch gives each prompt the tokens it gets alone with
 its request id (greedy and seeded), as JSON lines; stop strings end the text, streamed or not."""
 
+import dataclasses
 import json
 
 import pytest
 
 from model import SamplingParams, generate
-from model.cli import BUNDLED_CHECKPOINT, StopStrings, cut_at_stop, generate_main, load_any
+from model.cli import BUNDLED_CHECKPOINT, StopStrings, cut_at_stop, generate_main, ids_through_stop, load_any
 
 PROMPTS = ["Return the number of", "The ", "def f(x):", "12+34=", "a", "Hello world", "x = ", "import"]
 
 
 def test_a_prompt_file_is_each_prompt_alone(tmp_path, capsys):
+    """Text lines and JSON lines, one with its own sampling and length: each request gets the tokens it gets alone
+    with its request id (its place in the file), the batch split by settings."""
+    own = {"temperature": 0.5, "top_k": 20, "seed": 7, "max_new_tokens": 5}
     file = tmp_path / "prompts.txt"
-    file.write_text("\n".join(PROMPTS[:6]) + "\n\n" + "\n".join(json.dumps({"prompt": p, "id": f"j{i}"})
-                                                               for i, p in enumerate(PROMPTS[6:])) + "\n")
+    file.write_text("\n".join(PROMPTS[:6]) + "\n\n" + json.dumps({"prompt": PROMPTS[6], "id": "j0"}) + "\n"
+                    + json.dumps({"prompt": PROMPTS[7], "id": "j1", **own}) + "\n")
     params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
-    for flags, sp in ((["--temperature", "0"], SamplingParams()),
+    for flags, sp in ((["--temperature", "0"], SamplingParams(top_p=0.95)),
                       (["--temperature", "0.8", "--seed", "3"], SamplingParams(temperature=0.8, top_p=0.95, seed=3))):
         generate_main(["--prompt-file", str(file), "--json", "--max-new-tokens", "12", *flags])
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [r["prompt"] for r in rows] == PROMPTS and rows[7]["id"] == "j1"
         for i, (p, r) in enumerate(zip(PROMPTS, rows)):
-            alone = generate(params, cfg, [tok.encode(p, add_bos=True)], max_new_tokens=12, sampling=sp,
+            mine, n = (dataclasses.replace(sp, **{k: own[k] for k in ("temperature", "top_k", "seed")}), 5) \
+                if i == 7 else (sp, 12)
+            alone = generate(params, cfg, [tok.encode(p, add_bos=True)], max_new_tokens=n, sampling=mine,
                              stop_tokens=[tok.eos_id], request_ids=[i])
             assert r["token_ids"] == alone.sequences()[0], p
             assert r["text"] == tok.decode(r["token_ids"]) and r["finish_reason"] in ("stop", "length")
+        assert len(rows[7]["token_ids"]) <= 5 < len(rows[0]["token_ids"])
 
 
 def test_stop_strings():
@@ -37,6 +44,9 @@ def test_stop_strings():
     assert (s.feed("abST"), s.feed("x"), s.flush()) == ("ab", "STx", "")
     s = StopStrings(["STOP"])
     assert (s.feed("abSTO"), s.flush()) == ("ab", "STO")   # the end of generation releases what was held
+    decode = "".join  # ids as one-character strings
+    assert ids_through_stop(list("abcSTOPdef"), decode, ["STOP", "zz"]) == list("abcSTOP")
+    assert ids_through_stop(list("abc"), decode, ["STOP"]) == list("abc")
 
 
 def test_bad_prompt_files_are_named(tmp_path, capsys):
@@ -44,9 +54,16 @@ def test_bad_prompt_files_are_named(tmp_path, capsys):
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
+    own, own2, own3 = (tmp_path / f"own{i}.jsonl" for i in range(3))
+    own.write_text('{"prompt": "a", "temp": 1}\n')
+    own2.write_text('{"prompt": "a", "top_p": 2}\n')
+    own3.write_text('{"prompt": "a", "stop": "x"}\n')
     for argv, message in ((["--prompt-file", str(tmp_path / "none.txt")], "cannot read it"),
                           (["--prompt-file", str(bad)], 'line 2: a JSON line needs a "prompt" string'),
                           (["--prompt-file", str(empty)], "no prompts in it"),
+                          (["--prompt-file", str(own)], "line 1: unknown field(s) ['temp']"),
+                          (["--prompt-file", str(own2)], "request 0: top_p must lie in (0, 1], got 2"),
+                          (["--prompt-file", str(own3)], 'line 1: "stop" must be a list of strings, got \'x\''),
                           (["--json"], "--json goes with --prompt-file")):
         with pytest.raises(SystemExit) as e:
             generate_main(argv)
