@@ -330,25 +330,28 @@ def generate_main(argv=None):
 def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan):
     """--prompt-file: the requests batched through `generate`, one batch per distinct (sampling, max_new_tokens)
     with request ids 0, 1, ... (their order in the file), so each gets the tokens it gets alone with its request
-    id; printed in file order as text or JSON lines."""
+    id; printed in file order as text or JSON lines (batch_seconds: the wall time of the request's batch,
+    compilation included)."""
     groups: dict = {}
     for i, r in enumerate(requests):
         groups.setdefault(r["settings"][:2], []).append(i)
     results, t0 = {}, time.perf_counter()
     for (sp, n_new), rows in groups.items():
         if n_new == 0:
-            results.update({i: ([], False) for i in rows})
+            results.update({i: ([], False, 0.0) for i in rows})
             continue
+        t_batch = time.perf_counter()
         try:
             out = generate(params, cfg, [all_ids[i] for i in rows], max_new_tokens=n_new, sampling=sp,
                            stop_tokens=[tok.eos_id], request_ids=rows, kv_scale=kv_scale, plan=plan)
         except NonFiniteError as e:
             ap.exit(1, f"{ap.prog}: error: {e}\n")
-        results.update({i: (row[:n].tolist(), bool(ended))
+        t_batch = time.perf_counter() - t_batch
+        results.update({i: (row[:n].tolist(), bool(ended), t_batch)
                         for i, row, n, ended in zip(rows, out.tokens, out.num_generated, out.stopped)})
     seconds = time.perf_counter() - t0
     for i, (r, ids) in enumerate(zip(requests, all_ids)):
-        new, ended = results[i]
+        new, ended, t_batch = results[i]
         body = new[:-1] if ended else new
         stops = r["settings"][2]
         if stops:
@@ -357,7 +360,7 @@ def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, pla
         if args.json:
             print(json.dumps({"id": r["id"], "prompt": r["prompt"], "text": text, "token_ids": body,
                               "finish_reason": "stop" if ended or cut else "length", "prompt_tokens": len(ids),
-                              "new_tokens": len(new), "batch_seconds": round(seconds, 4)}, ensure_ascii=False))
+                              "new_tokens": len(new), "batch_seconds": round(t_batch, 4)}, ensure_ascii=False))
         else:
             print(r["prompt"] + text)
     total = sum(len(v[0]) for v in results.values())
