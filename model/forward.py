@@ -23,7 +23,8 @@ from model.placement import check_divisible
 from model.plan import ExecutionPlan
 
 
-def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, plan: ExecutionPlan, phase: str):
+def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, plan: ExecutionPlan, phase: str,
+          rope_offset: int = 0):
     """One decoder layer. x: [B, T, D]; cache: this layer's slice (c_kv [B, S, C], k_pe [B, S, R], kv_scale [2]
     when FP8) or None (training: nothing written); positions: [B, T]; segments: [B, T] document ids of packed
     training rows (a token attends only to earlier tokens of its own document) or None.
@@ -31,9 +32,11 @@ def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, pl
     prefill / train: the new latents are written at offset 0 and attention runs in the naive form among the T
     tokens; decode: they are written at each sequence's position and attention runs in the absorbed form against
     the cache. Returns (x, cache, stats): stats = (load [E], balance term) of a MoE layer in the train phase.
+    rope_offset: RoPE rotates at positions + rope_offset, the cache slots stay `positions` (the MTP layer runs one
+    position ahead of the slot it writes, model/mtp.py).
     """
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions, cfg)
+    q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions + rope_offset, cfg)
     if cache is not None:
         start = positions[:, 0] if phase == "decode" else jnp.zeros_like(positions[:, 0])
         cache = cache.replace(c_kv=write_cache(cache.c_kv, kv_store(c_kv, cache.kv_scale, 0), start),

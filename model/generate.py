@@ -15,11 +15,12 @@ import numpy as np
 
 from model.cache import cache_shapes
 from model.config import Config
-from model.forward import check_tokens, decode_fn, prefill_fn
+from model.forward import check_tokens, decode_fn, forward, lm_logits, prefill_fn
+from model.mtp import mtp_step
 from model.params import Params
 from model.placement import check_divisible
 from model.plan import ExecutionPlan
-from model.sampling import SamplingParams, sample, step_keys
+from model.sampling import SamplingParams, accept_draft, draft_keys, sample, step_keys
 from sharding.rules import mesh_size
 
 PAD = -1
@@ -30,6 +31,15 @@ class GenerateOutput:
     tokens: np.ndarray  # [B, max_new_tokens] int32, PAD after each sequence's end
     num_generated: np.ndarray  # [B] tokens produced, the stop token included
     stopped: np.ndarray  # [B] bool: ended on a stop token
+    drafted: np.ndarray | None = None  # speculative: [B] tokens the MTP module drafted (one per verify step)
+    accepted: np.ndarray | None = None  # speculative: [B] drafts the main model accepted
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted drafts / drafted tokens over the batch (speculative decoding; nan without it)."""
+        if self.drafted is None or self.drafted.sum() == 0:
+            return float("nan")
+        return float(self.accepted.sum() / self.drafted.sum())
 
     def sequences(self, include_stop: bool = False) -> list[list[int]]:
         out = []
@@ -82,6 +92,80 @@ def _generate_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg
     return out, n_gen, bad
 
 
+def _take(x, idx):
+    """x[b, idx[b]] for x [B, T, ...], idx [B]."""
+    return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "plan", "check_finite"))
+def _speculative_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
+                      plan, check_finite=True):
+    """Self-speculative decoding with the MTP module, depth 1. Each step feeds [pending token, draft] through the
+    main model at positions n, n + 1 (the cache holds n tokens), verifies the draft against the logits at n
+    (`accept_draft`), and emits one token, or two when the draft is accepted (the second drawn from the logits at
+    n + 1). The MTP layer then runs on both new entries, (h_n, token at n + 1) and (h_n+1, token at n + 2), with
+    its own latent cache, and drafts the next token from the last accepted one. Entries past a rejection are
+    overwritten by the next step before anything attends to them."""
+    b, t = tokens.shape
+    shapes = cache_shapes(cfg, b, max_len, fp8=kv_scale is not None)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
+    cache = cache.replace(kv_scale=kv_scale)
+    mtp = jax.tree.map(lambda s: jnp.zeros((1,) + s.shape[1:], s.dtype), cache_shapes(cfg, b, max_len).replace(
+        kv_scale=None))  # the MTP layer's own cache, in the model's dtype
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache, _ = forward(params, cache, tokens, positions, None, cfg, plan, "prefill")
+    cache = cache.replace(lengths=lengths)
+    logits = lm_logits(params, _take(hidden, lengths - 1), cfg)
+    finite = _finite_rows(logits, check_finite)
+    bad = jnp.where(finite, -1, 0).astype(jnp.int32)
+    first = sample(logits, step_keys(sp.seed, request_ids, 0), sp)
+    # the MTP over the prompt: entry i from (h_i, t_i+1), the first generated token after the prompt's last
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    nxt = jnp.where(positions == (lengths - 1)[:, None], first[:, None], nxt)
+    m_hidden, mtp = mtp_step(params, mtp, hidden, nxt, positions, cfg, plan, "prefill")
+    q_logits = lm_logits(params, _take(m_hidden, lengths - 1), cfg)
+    draft = sample(q_logits, draft_keys(sp.seed, request_ids, 1, 1), sp)
+    out = jnp.full((b, max_new_tokens + 1), PAD, jnp.int32).at[:, 0].set(jnp.where(finite, first, PAD))
+    done = jnp.isin(first, stop_ids) | (max_new_tokens <= 1) | ~finite
+    n_out = finite.astype(jnp.int32)
+    zeros = jnp.zeros(b, jnp.int32)
+    rows = jnp.arange(b)
+
+    def cond(state):
+        return ~jnp.all(state[5])
+
+    def body(state):
+        cache, mtp, pending, draft, q_logits, done, out, n_out, drafted, accepted, bad = state
+        n = cache.lengths
+        pos = n[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B, 2]
+        hidden, cache, _ = forward(params, cache, jnp.stack([pending, draft], 1), pos, None, cfg, plan, "decode")
+        logits = lm_logits(params, hidden, cfg)  # [B, 2, V]
+        ok, tok1 = accept_draft(logits[:, 0], q_logits, draft, sp.seed, request_ids, n_out, sp)
+        tok2 = sample(logits[:, 1], step_keys(sp.seed, request_ids, n_out + 1), sp)
+        finite = _finite_rows(logits[:, 0], check_finite) & (~ok | _finite_rows(logits[:, 1], check_finite))
+        bad = jnp.where(~done & ~finite, n_out, bad)
+        live = ~done & finite
+        second = live & ok & ~jnp.isin(tok1, stop_ids) & (n_out + 1 < max_new_tokens)
+        out = out.at[rows, jnp.where(live, n_out, max_new_tokens)].set(jnp.where(live, tok1, PAD), mode="drop")
+        out = out.at[rows, jnp.where(second, n_out + 1, max_new_tokens)].set(jnp.where(second, tok2, PAD),
+                                                                             mode="drop")
+        drafted, accepted = drafted + live, accepted + (live & ok)
+        last = jnp.where(second, tok2, tok1)
+        n_out = n_out + live + second
+        done = done | ~finite | jnp.isin(last, stop_ids) | (n_out >= max_new_tokens)
+        grow = jnp.where(done, 0, 1 + ok.astype(jnp.int32))
+        m_hidden, mtp = mtp_step(params, mtp, hidden, jnp.stack([tok1, tok2], 1), pos, cfg, plan, "decode")
+        q_logits = lm_logits(params, _take(m_hidden, ok.astype(jnp.int32)), cfg)
+        draft = sample(q_logits, draft_keys(sp.seed, request_ids, n_out, 1), sp)
+        return (cache.replace(lengths=n + grow), mtp, jnp.where(ok, tok2, tok1), draft, q_logits, done, out, n_out,
+                drafted, accepted, bad)
+
+    state = (cache, mtp, first, draft, q_logits, done, out, n_out, zeros, zeros, bad)
+    state = jax.lax.while_loop(cond, body, state)
+    _, _, _, _, _, _, out, n_out, drafted, accepted, bad = state
+    return out[:, :max_new_tokens], n_out, bad, drafted, accepted
+
+
 class NonFiniteError(FloatingPointError):
     """The model produced NaN or inf logits (a weight holding NaN, an overflow): generation stopped there."""
 
@@ -112,7 +196,7 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
              max_len: int | None = None, request_ids: Sequence[int] | None = None, kv_scale=None,
              plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None,
-             check_finite: bool = True) -> GenerateOutput:
+             check_finite: bool = True, speculative: bool = False) -> GenerateOutput:
     """Generate continuations for a batch of prompts of different lengths.
 
     Args: prompts: B lists of token ids; max_new_tokens >= 0; stop_tokens: ids that end a sequence (kept as its
@@ -123,7 +207,10 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
       `prefill` (on a mesh, parameters placed with model.shard_params; a batch that the mesh's batch axes do not
       divide is padded with copies of the first prompt, whose outputs are dropped); check_finite: stop a sequence
       at the first step whose logits hold NaN or inf and raise NonFiniteError naming it (docs/benchmarks.md
-      measures its cost; off, such a sequence runs on with garbage).
+      measures its cost; off, such a sequence runs on with garbage); speculative: draft one token per step with
+      the checkpoint's MTP module and verify it in the same step (`_speculative_loop`): greedy output is the
+      same tokens, sampled output the same distribution (not the same draws), and the output counts the drafted
+      and accepted tokens.
     """
     plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
@@ -162,6 +249,13 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
     plan.check("decode", tokens=tokens.shape[0])
     if plan.mesh is not None:
         check_divisible(cfg, plan.mesh, plan.rules, batch=tokens.shape[0])
+    if speculative:
+        if params.mtp is None:
+            raise ValueError("speculative decoding drafts with the MTP module: these parameters have none "
+                             "(num_nextn_predict_layers=0, or loaded without it)")
+        if plan.attention != "xla":
+            raise ValueError("speculative decoding verifies two tokens per sequence and step: the pallas decode "
+                             "kernel takes one; use attention='xla'")
     if max_new_tokens == 0:
         return GenerateOutput(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), np.zeros(b, bool))
     stop_arr = jnp.asarray(stop if stop.size else np.array([PAD]), jnp.int32)
@@ -169,12 +263,14 @@ def generate(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], *, m
         kv_scale = jnp.asarray(kv_scale, jnp.float32)
         if kv_scale.shape != (cfg.num_hidden_layers, 2):
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {kv_scale.shape}")
-    out, n_gen, bad = _generate_loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
-                                     jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
-                                     max_new_tokens=max_new_tokens, max_len=max_len, plan=plan,
-                                     check_finite=check_finite)
+    loop = _speculative_loop if speculative else _generate_loop
+    out, n_gen, bad, *counts = loop(params, jnp.asarray(tokens), jnp.asarray(lengths), stop_arr,
+                                    jnp.asarray(rid, jnp.int32), kv_scale, cfg=cfg, sp=sampling,
+                                    max_new_tokens=max_new_tokens, max_len=max_len, plan=plan,
+                                    check_finite=check_finite)
     raise_nonfinite(np.asarray(bad)[:b])
+    counts = [np.asarray(c)[:b] for c in counts] or [None, None]
     out, n_gen = np.asarray(out)[:b], np.asarray(n_gen)[:b]
     last = out[np.arange(b), np.maximum(n_gen - 1, 0)]
     stopped = np.isin(last, stop) if stop.size else np.zeros(b, bool)
-    return GenerateOutput(out, n_gen, stopped)
+    return GenerateOutput(out, n_gen, stopped, *counts)

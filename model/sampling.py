@@ -59,6 +59,12 @@ def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
     """logits: [B, V] float32; keys: [B] typed PRNG keys. Returns [B] int32."""
     if sp.greedy:
         return greedy(logits)
+    return jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, sp)).astype(jnp.int32)
+
+
+def filtered_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """[B, V] float32 logits of the distribution `sample` draws from (sp not greedy): divided by the temperature,
+    -inf outside the top-k and the top-p nucleus."""
     logits = logits.astype(jnp.float32) / sp.temperature
     if sp.top_k > 0 and sp.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
@@ -70,9 +76,42 @@ def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
         keep_sorted = before < sp.top_p  # always keeps the top token
         threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return logits
 
 
 def step_keys(seed: int, request_ids: jax.Array, step) -> jax.Array:
+    """[B] keys of output position `step` (a scalar, or [B] when the sequences are at different positions)."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(request_ids)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), request_ids.shape)
+    return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(base, r), s))(request_ids, steps)
+
+
+def draft_keys(seed: int, request_ids: jax.Array, step, stream: int) -> jax.Array:
+    """Keys of speculative decoding's own draws for output position `step`, apart from `step_keys`'s: stream 1
+    samples the draft, 2 the acceptance test, 3 the residual."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, stream))(step_keys(seed, request_ids, step))
+
+
+def accept_draft(target_logits: jax.Array, draft_logits: jax.Array, draft: jax.Array, seed: int,
+                 request_ids: jax.Array, step, sp: SamplingParams):
+    """Speculative sampling's verification of one drafted token per sequence (Leviathan et al. 2023; Chen et al.
+    2023): the token returned is distributed exactly as `sample(target_logits)` would draw it.
+
+    target_logits, draft_logits: [B, V] (the main model's and the draft's at the drafted position); draft: [B], drawn
+    from the draft's distribution (`sample(draft_logits, draft_keys(.., 1), sp)`). Greedy: accepted when the draft
+    is the target's argmax, which is the token. Otherwise, with p and q the filtered distributions: accepted with
+    probability min(1, p(d) / q(d)); else the token is drawn from max(p - q, 0), renormalised.
+    Returns (accepted [B] bool, token [B] int32)."""
+    if sp.greedy:
+        tok = greedy(target_logits)
+        return tok == draft, tok
+    p = jax.nn.softmax(filtered_logits(target_logits, sp), axis=-1)
+    q = jax.nn.softmax(filtered_logits(draft_logits, sp), axis=-1)
+    pick = draft[:, None].astype(jnp.int32)
+    p_d, q_d = (jnp.take_along_axis(x, pick, axis=-1)[:, 0] for x in (p, q))
+    u = jax.vmap(jax.random.uniform)(draft_keys(seed, request_ids, step, 2))
+    accepted = u * q_d < p_d  # u < p(d) / q(d), without dividing by a q(d) that rounds to 0
+    residual = jnp.maximum(p - q, 0.0)
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q: never rejected
+    other = jax.vmap(jax.random.categorical)(draft_keys(seed, request_ids, step, 3), jnp.log(residual))
+    return accepted, jnp.where(accepted, draft, other).astype(jnp.int32)

@@ -16,7 +16,7 @@ from model.io.hf_checkpoint import CheckpointError
 from model.io.tokenizer import ByteTokenizer
 from model.params import init
 from model.train.data import TRAIN_MIX, Batcher, stdlib_corpus
-from model.train.training import TrainConfig, make_optimizer, train_step
+from model.train.training import TrainConfig, make_optimizer, step_settings, train_step
 
 
 def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = False, log=sys.stdout,
@@ -40,14 +40,15 @@ def train(cfg: Config, tc: TrainConfig, out: Path | None, *, overwrite: bool = F
     batcher = Batcher(corpus, tok, tc.seq_len, tc.batch, tc.seed, tc.text_frac, tc.answer_weight)
     if parent is None:
         params = init(cfg, jax.random.key(tc.seed), std="fan_in")
-    opt = make_optimizer(tc)
+    step_tc = step_settings(tc)
+    opt = make_optimizer(step_tc)
     opt_state = opt.init(params)
     history = []
     t0 = time.perf_counter()
     tokens_seen = 0
     for step in range(1, tc.steps + 1):
         tokens, segments, weights = batcher.next_batch()
-        params, opt_state, m = train_step(params, opt_state, tokens, cfg=cfg, tc=tc, opt=opt,
+        params, opt_state, m = train_step(params, opt_state, tokens, cfg=cfg, tc=step_tc, opt=opt,
                                           segments=segments if tc.pack_documents else None, weights=weights)
         tokens_seen += tokens.size - tokens.shape[0]
         if step % log_every == 0 or step == tc.steps or step == 1:

@@ -8,6 +8,7 @@ per layer, so overloaded experts become less likely to be selected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from functools import partial
 
@@ -114,6 +115,13 @@ def loss_fn(params: Params, tokens: jax.Array, cfg: Config, tc: TrainConfig, seg
     return loss, metrics
 
 
+def step_settings(tc: TrainConfig) -> TrainConfig:
+    """tc with the settings that never enter `train_step` (seed, data mix, answer weight, packing, the starting
+    checkpoint) at their defaults: runs that differ only in those share one optimizer and one compiled step."""
+    return dataclasses.replace(tc, seed=0, text_frac=0.3, answer_weight=2.0, pack_documents=True, init_from="")
+
+
+@functools.cache  # one optimizer object per setting: train_step takes it as a static argument
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
                                                end_value=tc.lr * tc.min_lr_frac)
