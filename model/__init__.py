@@ -23,6 +23,7 @@ Dimension letters, used in einsum strings and shape comments throughout:
 
 from model.cache import Cache, init_cache  # the latent cache
 from model.config import PRESETS, R1_671B, SMALL, TINY, Config, RopeScaling, get_preset  # configuration
+from model.engine import Engine, Request  # continuous batching
 from model.forward import decode_step, prefill  # entry points
 from model.generate import GenerateOutput, generate
 from model.params import Params, abstract_params, init, param_counts, param_infos  # parameters
@@ -35,6 +36,6 @@ __all__ = [
     "Config", "RopeScaling", "R1_671B", "SMALL", "TINY", "PRESETS", "get_preset",
     "Params", "init", "abstract_params", "param_counts", "param_infos",
     "Cache", "init_cache", "ExecutionPlan", "shard_params", "shard_cache",
-    "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams",
+    "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams", "Engine", "Request",
     "Calibration", "calibrate", "quantize_params",
 ]

@@ -65,18 +65,38 @@ def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
 def filtered_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     """[B, V] float32 logits of the distribution `sample` draws from (sp not greedy): divided by the temperature,
     -inf outside the top-k and the top-p nucleus."""
-    logits = logits.astype(jnp.float32) / sp.temperature
-    if sp.top_k > 0 and sp.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sp.top_p < 1.0:
-        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        keep_sorted = before < sp.top_p  # always keeps the top token
-        threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+    b = logits.shape[0]
+    return filtered_rows(logits, jnp.full(b, sp.temperature, jnp.float32), jnp.full(b, sp.top_k, jnp.int32),
+                         jnp.full(b, sp.top_p, jnp.float32))
+
+
+def filtered_rows(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """`filtered_logits` with each row's own parameters: temperature, top_k, top_p [B] (a temperature of 0 is
+    treated as 1 here; `sample_rows` takes the argmax for those rows)."""
+    v = logits.shape[-1]
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_desc = jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc)  # the top-k survivors, still sorted
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep_sorted = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # always keeps the top token
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """`sample` with each row's own parameters ([B] arrays; temperature 0: that row's argmax). Returns [B] int32."""
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered_rows(logits, temperature, top_k, top_p))
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy(logits))
+
+
+def row_keys(seeds: jax.Array, request_ids: jax.Array, steps: jax.Array) -> jax.Array:
+    """`step_keys` with each row's own seed: [B] keys fold_in(fold_in(key(seed), request_id), step)."""
+    return jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
+        seeds, request_ids, steps)
 
 
 def step_keys(seed: int, request_ids: jax.Array, step) -> jax.Array:

@@ -1,0 +1,265 @@
+"""A continuous-batching engine: a fixed number of decode slots over one latent cache, requests admitted into free
+slots as they come, prefilled in chunks while the others decode, and freed when they finish.
+
+    engine = Engine(params, cfg, slots=8, max_len=512)
+    r = engine.submit(prompt_ids, max_new_tokens=64, sampling=SamplingParams(temperature=0.6, seed=1),
+                      stop_tokens=[eos], on_token=lambda req, tok: print(tok))
+    engine.run()                                  # or engine.step() from your own loop, submitting as you go
+    r.tokens, r.finish_reason, r.ttft_s
+
+Each `step()`: free slots take waiting requests (first come, first served); one chunk of `chunk` prompt tokens of
+the oldest prefilling request runs through the model into its slot (the cache-reading form of attention, at the
+chunk's positions, `forward` in the decode phase); then every decoding slot advances by one token in one batched
+decode step, each sampling with its own parameters and keys. The host reads the new tokens each step (for stop
+tokens, limits and callbacks).
+
+A request's tokens do not depend on what shares the engine with it: each row of a step is computed on its own,
+and its sampling key is fold_in(fold_in(key(seed), request_id), k) at its k-th token, as in `generate`
+(tests/test_engine.py checks it under a load of staggered arrivals). A bad request is refused by `submit`, before
+anything runs, and the others go on; a request whose logits turn NaN or inf ends with an error naming the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.cache import init_cache
+from model.config import Config
+from model.forward import check_tokens, decode_fn, forward, lm_logits
+from model.params import Params
+from model.placement import check_divisible, shard_cache
+from model.plan import ExecutionPlan
+from model.sampling import SamplingParams, row_keys, sample_rows
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request and what became of it. finish_reason: None while running, then "stop" (a stop token, kept as
+    the last token), "length" or "error" (with `error`). Times are time.perf_counter() seconds."""
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_tokens: frozenset[int]
+    request_id: int
+    on_token: Callable | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+    slot: int | None = None
+    prefilled: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to the first token, from submission."""
+        return None if self.t_first is None else self.t_first - self.t_submit
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first."""
+        if self.t_done is None or self.t_first is None or len(self.tokens) < 2:
+            return None
+        return (self.t_done - self.t_first) / (len(self.tokens) - 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+def _prefill_chunk(params, cache, slot, tokens, start, last, cfg, plan):
+    """tokens [C] of one request at positions start.. into row `slot` of the cache; logits [V] at index `last` of
+    the chunk (the prompt's last token when this is its last chunk)."""
+    def row(a):
+        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
+
+    one = cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
+    pos = (start + jnp.arange(tokens.shape[0], dtype=jnp.int32))[None]
+    hidden, one, _ = forward(params, one, tokens[None], pos, None, cfg, plan, "decode")
+    logits = lm_logits(params, hidden[0, last], cfg)
+
+    def put(a, b):
+        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
+
+    cache = cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe),
+                          lengths=cache.lengths.at[slot].set(start + last + 1))
+    return logits, cache
+
+
+@jax.jit
+def _sample(logits, temperature, top_k, top_p, seeds, request_ids, steps):
+    return sample_rows(logits, row_keys(seeds, request_ids, steps), temperature, top_k, top_p), \
+        jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan):
+    """One token for every slot; host: [3, B] int32 rows (last token, tokens so far, decoding or not), one
+    transfer per step. Slots not decoding keep their length (their write lands past it and is overwritten before
+    anything reads it)."""
+    tokens, steps, active = host[0], host[1], host[2] > 0
+    lengths = cache.lengths
+    logits, cache = decode_fn(params, cache, tokens, cfg, plan)
+    cache = cache.replace(lengths=jnp.where(active, lengths + 1, lengths))
+    return (*_sample(logits, temperature, top_k, top_p, seeds, request_ids, steps), cache)
+
+
+class Engine:
+    """See the module docstring. slots: decode slots (the batch of every decode step); max_len: cache positions
+    per slot (a multiple of `chunk`), the most prompt + new tokens a request may have; chunk: prompt tokens per
+    prefill call; plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an FP8 cache's
+    scales, as for `generate`."""
+
+    def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
+                 plan: ExecutionPlan | None = None, kv_scale=None):
+        plan = ExecutionPlan.build(plan)
+        if slots < 1 or chunk < 1:
+            raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
+        if max_len % chunk:
+            raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
+                             f"writes a whole chunk of positions")
+        if plan.attention != "xla":
+            raise ValueError("the engine prefills chunks through the cache-reading attention of the xla plan; "
+                             "use attention='xla'")
+        plan.check("decode", tokens=slots)
+        if plan.mesh is not None:
+            check_divisible(cfg, plan.mesh, plan.rules, batch=slots)
+        self.params, self.cfg, self.plan, self.chunk = params, cfg, plan, chunk
+        self.slots, self.max_len = slots, max_len
+        cache = init_cache(cfg, slots, max_len, kv_scale=kv_scale)
+        self.cache = shard_cache(cache, plan.mesh, plan.rules) if plan.mesh is not None else cache
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request | None] = [None] * slots
+        self.finished: list[Request] = []
+        self._ids = itertools.count()
+        self._slot_params = None  # the slots' sampling parameters on the device, rebuilt when the slots change
+        self.steps = 0
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop_tokens: Sequence[int] = (), request_id: int | None = None,
+               on_token: Callable | None = None) -> Request:
+        """Queue a request, checked first: a bad one raises ValueError naming the problem and changes nothing.
+        request_id: the sampling key's id (default: the order of submission). on_token(request, token) is called
+        as each token is produced."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or \
+                max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty: a request needs at least one token")
+        ids = check_tokens(self.cfg, np.asarray(prompt), "prompt token ids")
+        if ids.ndim != 1:
+            raise ValueError(f"the prompt must be a list of token ids, got shape {ids.shape}")
+        if len(ids) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the engine's "
+                             f"max_len={self.max_len}")
+        if isinstance(stop_tokens, int | np.integer):
+            raise ValueError(f"stop_tokens must be a list of token ids, got {stop_tokens!r}")
+        stop = check_tokens(self.cfg, np.asarray(list(stop_tokens), np.int64), "stop token ids")
+        rid = next(self._ids) if request_id is None else request_id
+        if isinstance(rid, bool) or not isinstance(rid, int | np.integer):
+            raise ValueError(f"request_id must be an integer, got {rid!r}")
+        req = Request(ids.tolist(), int(max_new_tokens), sampling, frozenset(stop.tolist()), int(rid), on_token,
+                      t_submit=time.perf_counter())
+        self.waiting.append(req)
+        return req
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(r is None for r in self.running)
+
+    def run(self) -> list[Request]:
+        """Step until every submitted request has finished; returns them in the order they finished."""
+        while not self.idle:
+            self.step()
+        return self.finished
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        for i, r in enumerate(self.running):
+            if r is None and self.waiting:
+                r = self.waiting.popleft()
+                r.slot, r.prefilled, self.running[i] = i, 0, r
+                self._slot_params = None
+        prefilling = [r for r in self.running if r is not None and r.prefilled < len(r.prompt)]
+        if prefilling:
+            self._prefill(min(prefilling, key=lambda r: r.t_submit))
+        decoding = [r for r in self.running if r is not None and r.prefilled == len(r.prompt) and r.tokens]
+        if decoding:
+            self._decode(decoding)
+        self.steps += 1
+
+    @staticmethod
+    def _params(reqs):
+        """The requests' sampling parameters as [B] arrays: temperature, top_k, top_p, seed, request id."""
+        sp = [r.sampling for r in reqs]
+        return (jnp.asarray([s.temperature for s in sp], jnp.float32), jnp.asarray([s.top_k for s in sp], jnp.int32),
+                jnp.asarray([s.top_p for s in sp], jnp.float32), jnp.asarray([s.seed for s in sp], jnp.int32),
+                jnp.asarray([r.request_id for r in reqs], jnp.int32))
+
+    def _prefill(self, r: Request) -> None:
+        start = r.prefilled
+        piece = r.prompt[start:start + self.chunk]
+        tokens = np.zeros(self.chunk, np.int32)
+        tokens[:len(piece)] = piece
+        logits, self.cache = _prefill_chunk(self.params, self.cache, jnp.int32(r.slot), jnp.asarray(tokens),
+                                            jnp.int32(start), jnp.int32(len(piece) - 1), cfg=self.cfg,
+                                            plan=self.plan)
+        r.prefilled += len(piece)
+        if r.prefilled == len(r.prompt):
+            tok, finite = _sample(logits[None], *self._params([r]), jnp.zeros(1, jnp.int32))
+            self._emit(r, int(tok[0]), bool(finite[0]))
+
+    def _decode(self, decoding: list[Request]) -> None:
+        # every slot takes part (static shapes); the others carry a dummy token and keep their length
+        rows = [r if r in decoding else None for r in self.running]
+        if self._slot_params is None:  # a free slot samples with a stand-in's parameters, unused
+            self._slot_params = self._params([r or decoding[0] for r in self.running])
+        host = np.zeros((3, self.slots), np.int32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                host[:, i] = r.tokens[-1], len(r.tokens), 1
+        nxt, finite, self.cache = _decode_slots(self.params, self.cache, jnp.asarray(host), *self._slot_params,
+                                                cfg=self.cfg, plan=self.plan)
+        nxt, finite = np.asarray(nxt), np.asarray(finite)
+        for r, t, ok in zip(rows, nxt, finite):
+            if r is not None:
+                self._emit(r, int(t), bool(ok))
+
+    def _emit(self, r: Request, tok: int, finite: bool) -> None:
+        now = time.perf_counter()
+        if not finite:
+            r.error = (f"non-finite logits (NaN or inf) at generation step {len(r.tokens)} (step 0 is the prefill): "
+                       f"a weight holding NaN, or an overflow; nothing after it was emitted")
+            self._finish(r, "error", now)
+            return
+        r.tokens.append(tok)
+        if r.t_first is None:
+            r.t_first = now
+        if r.on_token is not None:
+            r.on_token(r, tok)
+        if tok in r.stop_tokens:
+            self._finish(r, "stop", now)
+        elif len(r.tokens) >= r.max_new_tokens:
+            self._finish(r, "length", now)
+
+    def _finish(self, r: Request, reason: str, now: float) -> None:
+        r.finish_reason, r.t_done = reason, now
+        self.running[r.slot] = None
+        self._slot_params = None
+        self.finished.append(r)

@@ -1,0 +1,116 @@
+"""The continuous-batching engine (model/engine.py): under a load of staggered arrivals, mixed prompt lengths
+(several prefill chunks), mixed lengths and sampling, each request gets the tokens it gets alone; greedy ones the
+tokens of `generate`; bad requests are refused by name and the others run on untouched."""
+
+import numpy as np
+import pytest
+
+from model import SamplingParams, generate
+from model.cli import BUNDLED_CHECKPOINT, load_any
+from model.engine import Engine
+
+TEXTS = ["Sam has 12 pens and gets 34 more. How many pens does Sam have now?\nAnswer:", "The history of the",
+         "def f(x):\n    return", "import os\nimport", "Tom has 7 cards and gives 3 away. How many", "a"]
+SLOTS, MAX_LEN, CHUNK = 3, 128, 16
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
+    return params, cfg, [tok.encode(t, add_bos=True) for t in TEXTS], tok.eos_id
+
+
+def _load(eos):
+    """(prompt index, max_new_tokens, sampling, request id, the step it arrives at)."""
+    return [(0, 20, SamplingParams(), 10, 0), (1, 12, SamplingParams(temperature=0.8, top_p=0.9, seed=3), 11, 0),
+            (2, 16, SamplingParams(temperature=1.0, top_k=20, seed=4), 12, 3), (3, 8, SamplingParams(), 13, 3),
+            (4, 18, SamplingParams(temperature=0.6, seed=5), 14, 9), (5, 10, SamplingParams(), 15, 20)]
+
+
+def _run(params, cfg, prompts, eos, load, log=None):
+    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK)
+    pending, reqs = sorted(load, key=lambda x: x[4]), {}
+    while pending or not engine.idle:
+        while pending and pending[0][4] <= engine.steps:
+            i, n, sp, rid, _ = pending.pop(0)
+            reqs[rid] = engine.submit(prompts[i], max_new_tokens=n, sampling=sp, stop_tokens=[eos], request_id=rid,
+                                      on_token=None if log is None else lambda r, t: log.append((r.request_id, t)))
+        engine.step()
+    return reqs, engine
+
+
+def test_each_request_gets_what_it_gets_alone(bundled):
+    params, cfg, prompts, eos = bundled
+    load = _load(eos)
+    log = []
+    together, engine = _run(params, cfg, prompts, eos, load, log)
+    assert max(len(p) for p in prompts) > 4 * CHUNK // 2 and engine.steps > 30
+    for item in load:
+        alone, _ = _run(params, cfg, prompts, eos, [item[:4] + (0,)])
+        r = together[item[3]]
+        assert r.tokens == alone[item[3]].tokens, item
+        assert r.finish_reason in ("stop", "length") and r.ttft_s > 0 and (len(r.tokens) < 2 or r.tpot_s > 0)
+        assert [t for rid, t in log if rid == item[3]] == r.tokens  # streamed in order, each once
+    greedy = [x for x in load if x[2].greedy]
+    ref = generate(params, cfg, [prompts[x[0]] for x in greedy], max_new_tokens=20, stop_tokens=[eos])
+    for x, seq in zip(greedy, ref.sequences(True)):
+        assert together[x[3]].tokens == seq[:x[1]], x
+
+
+def test_bad_requests_are_refused_and_the_others_run_on(bundled):
+    params, cfg, prompts, eos = bundled
+    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK)
+    good = [engine.submit(prompts[i], max_new_tokens=10, stop_tokens=[eos], request_id=i) for i in (0, 1)]
+    engine.step()
+    for kwargs, message in ((dict(prompt=[1] * 120, max_new_tokens=20), "prompt of 120 tokens \\+ max_new_tokens=20 "
+                                                                         "exceeds the engine's max_len=128"),
+                            (dict(prompt=[1, cfg.vocab_size]), r"prompt token ids out of the vocabulary \[0, 512\)"),
+                            (dict(prompt=[1.5, 2.0]), "prompt token ids must be integers"),
+                            (dict(prompt=[]), "the prompt is empty"),
+                            (dict(sampling={"temperature": 0.5}), "sampling must be a SamplingParams, got dict"),
+                            (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+                            (dict(stop_tokens=eos), "stop_tokens must be a list of token ids"),
+                            (dict(request_id="a"), "request_id must be an integer")):
+        args = dict(prompt=prompts[2], max_new_tokens=5) | kwargs
+        with pytest.raises(ValueError, match=message):
+            engine.submit(args.pop("prompt"), **args)
+    assert len(engine.waiting) == 0
+    engine.run()
+    alone, _ = _run(params, cfg, prompts, eos, [(0, 10, SamplingParams(), 0, 0), (1, 10, SamplingParams(), 1, 0)])
+    assert [r.tokens for r in good] == [alone[0].tokens, alone[1].tokens]
+    with pytest.raises(ValueError, match="max_len \\(100\\) must be a multiple of chunk \\(16\\)"):
+        Engine(params, cfg, slots=2, max_len=100, chunk=16)
+
+
+def test_per_row_sampling_is_the_batch_sampler():
+    """The engine's sampler, one parameter set per row, equals `sample` with each row's parameters."""
+    import jax
+    import jax.numpy as jnp
+
+    from model.sampling import row_keys, sample, sample_rows, step_keys
+    logits = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    sps = [SamplingParams(), SamplingParams(temperature=0.7, seed=2), SamplingParams(temperature=1.2, top_k=5,
+                                                                                   seed=3),
+           SamplingParams(temperature=0.9, top_p=0.5, seed=4)]
+    rid, step = jnp.arange(4), jnp.full(4, 7)
+    got = sample_rows(logits, row_keys(jnp.array([s.seed for s in sps]), rid, step),
+                      jnp.array([s.temperature for s in sps]), jnp.array([s.top_k for s in sps]),
+                      jnp.array([s.top_p for s in sps]))
+    want = [int(sample(logits[i:i + 1], step_keys(sp.seed, rid[i:i + 1], 7), sp)[0]) for i, sp in enumerate(sps)]
+    assert np.asarray(got).tolist() == want
+
+
+def test_a_load_runs_through_the_engine_closed_and_open_loop(bundled):
+    from model.load import Load, metrics, run_load
+    params, cfg, _, _ = bundled
+    load = Load(5, (4, 40), (2, 6), seed=1)
+    items = load.items(cfg.vocab_size)
+    for kwargs in (dict(concurrency=2), dict(rate=200.0)):
+        engine = Engine(params, cfg, slots=2, max_len=64, chunk=CHUNK)
+        reqs, secs = run_load(engine, items, **kwargs)
+        assert [len(r.tokens) for r in reqs] == [n for _, n in items] and engine.idle
+        m = metrics(reqs, secs)
+        assert m["output_tokens"] == sum(n for _, n in items) and m["total_tok_s"] > 0
+        assert m["ttft_ms"]["median"] > 0 and m["per_user_tok_s"]["p90"] >= m["per_user_tok_s"]["median"]
+    with pytest.raises(ValueError, match="output_len must be a range 1 <= lo <= hi, got \\(3, 2\\)"):
+        Load(1, (1, 1), (3, 2))
