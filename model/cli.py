@@ -235,6 +235,8 @@ def generate_main(argv=None):
                     help="skip the NaN/inf check of the weights on load (generation still stops at non-finite logits)")
     ap.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                     help="pallas: the kernels of pallas_kernels/ (compiled on a GPU, interpret mode on CPU: slow)")
+    ap.add_argument("--speculative", action="store_true", help="draft with the checkpoint's MTP module and verify "
+                    "in the same step (greedy: the same tokens; sampled: the same distribution); not streamed")
     args = ap.parse_args(argv)
     try:
         recipe = get_recipe(args.recipe)
@@ -294,6 +296,12 @@ def generate_main(argv=None):
         if mesh is not None:
             params = shard_params(params, cfg, mesh)
     plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
+    if args.speculative and args.backend != "xla":
+        ap.error("--speculative runs on --backend xla (the pallas decode kernel verifies one token per step)")
+    if args.speculative and params.mtp is None:
+        ap.error(f"--speculative drafts with the MTP module: {args.checkpoint} has none")
+    if requests is None and args.speculative:  # one prompt, not streamed: a one-line request file of it
+        requests = [{"id": 0, "prompt": args.prompt, "settings": (sampling, args.max_new_tokens, args.stop)}]
     if requests is not None:
         _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan)
         return
@@ -335,7 +343,7 @@ def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, pla
     groups: dict = {}
     for i, r in enumerate(requests):
         groups.setdefault(r["settings"][:2], []).append(i)
-    results, t0 = {}, time.perf_counter()
+    results, t0, drafted, accepted = {}, time.perf_counter(), 0, 0
     for (sp, n_new), rows in groups.items():
         if n_new == 0:
             results.update({i: ([], False, 0.0) for i in rows})
@@ -343,7 +351,10 @@ def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, pla
         t_batch = time.perf_counter()
         try:
             out = generate(params, cfg, [all_ids[i] for i in rows], max_new_tokens=n_new, sampling=sp,
-                           stop_tokens=[tok.eos_id], request_ids=rows, kv_scale=kv_scale, plan=plan)
+                           stop_tokens=[tok.eos_id], request_ids=rows, kv_scale=kv_scale, plan=plan,
+                           speculative=args.speculative)
+            if args.speculative:
+                drafted, accepted = drafted + int(out.drafted.sum()), accepted + int(out.accepted.sum())
         except NonFiniteError as e:
             ap.exit(1, f"{ap.prog}: error: {e}\n")
         t_batch = time.perf_counter() - t_batch
@@ -364,8 +375,9 @@ def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, pla
         else:
             print(r["prompt"] + text)
     total = sum(len(v[0]) for v in results.values())
+    mtp = f", MTP drafts accepted {accepted}/{drafted}" if args.speculative else ""
     print(f"[requests {len(requests)} in {len(groups)} batch(es), new tokens {total}, {seconds:.2f} s with "
-          f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+          f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
 
 
 def evaluate_main(argv=None):

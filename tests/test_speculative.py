@@ -97,3 +97,15 @@ def test_greedy_verification():
     logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
     accepted, token = accept_draft(logits, -logits, jnp.array([1, 2]), 0, jnp.arange(2), 0, SamplingParams())
     assert accepted.tolist() == [True, False] and token.tolist() == [1, 0]
+
+
+def test_generate_command_line_speculative(bundled, capsys):
+    from model.cli import generate_main
+    params, cfg, prompts, eos = bundled
+    generate_main(["--speculative", "--temperature", "0", "--max-new-tokens", "12", "--prompt", TEXTS[0]])
+    out = capsys.readouterr()
+    plain = generate(params, cfg, prompts[:1], max_new_tokens=12, stop_tokens=[eos]).sequences()[0]
+    assert out.out == TEXTS[0] + bytes(plain).decode() + "\n" and "MTP drafts accepted" in out.err
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--speculative", "--backend", "pallas"])
+    assert e.value.code == 2 and "--speculative runs on --backend xla" in capsys.readouterr().err
