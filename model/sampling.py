@@ -89,8 +89,11 @@ def filtered_rows(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """`sample` with each row's own parameters ([B] arrays; temperature 0: that row's argmax). Returns [B] int32."""
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered_rows(logits, temperature, top_k, top_p))
-    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy(logits))
+    def mixed():
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered_rows(logits, temperature, top_k, top_p))
+        return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy(logits))
+    # an all-greedy batch skips the sort the filters need (15% of a bundled-model engine step at 16 slots)
+    return jax.lax.cond(jnp.any(temperature > 0), mixed, lambda: greedy(logits))
 
 
 def row_keys(seeds: jax.Array, request_ids: jax.Array, steps: jax.Array) -> jax.Array:

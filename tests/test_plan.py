@@ -30,7 +30,9 @@ def test_671b_weight_bytes_per_recipe():
     assert experts["per_device"]["routed"] < 0.6 * fp8["per_device"]["routed"]
 
 
-@pytest.mark.parametrize("recipe", [*RECIPES, "r1_fp4+attn", "nvfp4_w4a16+attn_o"])
+# nvfp4_search stores exactly what nvfp4_w4a16 stores (the search picks other scale values, not other arrays), and
+# really quantizing with it compiles the search: left out
+@pytest.mark.parametrize("recipe", [*(r for r in RECIPES if r != "nvfp4_search"), "r1_fp4+attn", "nvfp4_w4a16+attn_o"])
 def test_planned_bytes_equal_the_quantized_tree(recipe):
     """The planner counts the bytes of the tree `quantize_params` makes (under eval_shape): on TINY with an MTP
     module, the planned total equals the bytes of the really quantized parameters, and split 8 ways the routed
