@@ -13,6 +13,10 @@ chunk's positions, `forward` in the decode phase); then every decoding slot adva
 decode step, each sampling with its own parameters and keys. The host reads the new tokens each step (for stop
 tokens, limits and callbacks).
 
+With mtp=True each decode step is a verify step, as `generate(..., speculative=True)` runs it: every slot feeds its
+pending token and its MTP draft through the main model, keeps one token or two, and the MTP layer (with its own
+latent cache, filled chunk by chunk during the prefill) drafts the next; greedy requests get the same tokens.
+
 A request's tokens do not depend on what shares the engine with it: each row of a step is computed on its own,
 and its sampling key is fold_in(fold_in(key(seed), request_id), k) at its k-th token, as in `generate`
 (tests/test_engine.py checks it under a load of staggered arrivals). A bad request is refused by `submit`, before
@@ -35,10 +39,11 @@ import numpy as np
 from model.cache import init_cache
 from model.config import Config
 from model.forward import check_tokens, decode_fn, forward, lm_logits
+from model.mtp import mtp_step
 from model.params import Params
 from model.placement import check_divisible, shard_cache
 from model.plan import ExecutionPlan
-from model.sampling import SamplingParams, row_keys, sample_rows
+from model.sampling import SamplingParams, accept_rows, row_keys, sample_rows, stream_keys
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +64,8 @@ class Request:
     t_done: float | None = None
     slot: int | None = None
     prefilled: int = 0
+    drafted: int = 0  # with mtp=True: verify steps, one draft each
+    accepted: int = 0  # drafts the main model accepted
 
     @property
     def done(self) -> bool:
@@ -115,15 +122,74 @@ def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request
     return (*_sample(logits, temperature, top_k, top_p, seeds, request_ids, steps), cache)
 
 
+def _slot_view(cache, slot):
+    def row(a):
+        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
+    return cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
+
+
+def _slot_write(cache, one, slot):
+    def put(a, b):
+        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
+    return cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe))
+
+
+@partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
+def _prefill_chunk_mtp(params, cache, mtp, draft, q, slot, tokens, nxt, start, last, final, temperature, top_k,
+                       top_p, seeds, request_ids, cfg, plan):
+    """`_prefill_chunk` with the MTP layer's own cache filled too: its entry for each chunk position i comes from
+    (h_i, the prompt's token i + 1), the next token given by the host; on the last chunk the last entry takes the
+    first generated token, sampled here, and drafts the token after it. Returns (first token [1], finite [1],
+    the caches, the slots' drafts [B] and draft logits [B, V])."""
+    pos = (start + jnp.arange(tokens.shape[0], dtype=jnp.int32))[None]
+    hidden, one, _ = forward(params, _slot_view(cache, slot), tokens[None], pos, None, cfg, plan, "decode")
+    logits = lm_logits(params, hidden[:, last], cfg)  # [1, V]
+    first, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros(1, jnp.int32))
+    nxt = jnp.where(final & (jnp.arange(nxt.shape[0]) == last), first[0], nxt)
+    g, m_one = mtp_step(params, _slot_view(mtp, slot), hidden, nxt[None], pos, cfg, plan, "decode")
+    q_new = lm_logits(params, g[:, last], cfg)  # [1, V]
+    d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, jnp.ones(1, jnp.int32)), 1), temperature,
+                    top_k, top_p)
+    draft = draft.at[slot].set(jnp.where(final, d[0], draft[slot]))
+    q = q.at[slot].set(jnp.where(final, q_new[0], q[slot]))
+    cache = _slot_write(cache, one, slot).replace(lengths=cache.lengths.at[slot].set(start + last + 1))
+    return first, finite, cache, _slot_write(mtp, m_one, slot), draft, q
+
+
+@partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
+def _verify_slots(params, cache, mtp, draft, q, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan):
+    """One verify step for every slot (as model/generate.py's `_speculative_loop`, with each slot's own sampling):
+    [pending, draft] at positions n, n + 1; the draft accepted or replaced; a second token when accepted; the MTP
+    layer on both new entries, drafting the next. host: [3, B] (pending token, tokens so far, decoding or not).
+    Returns ([4, B]: first token, second token, accepted, finite; the caches; the new drafts and draft logits)."""
+    pending, n_out, active = host[0], host[1], host[2] > 0
+    n = cache.lengths
+    pos = n[:, None] + jnp.arange(2, dtype=jnp.int32)
+    hidden, cache, _ = forward(params, cache, jnp.stack([pending, draft], 1), pos, None, cfg, plan, "decode")
+    logits = lm_logits(params, hidden, cfg)  # [B, 2, V]
+    ok, tok1 = accept_rows(logits[:, 0], q, draft, row_keys(seeds, request_ids, n_out), temperature, top_k, top_p)
+    tok2 = sample_rows(logits[:, 1], row_keys(seeds, request_ids, n_out + 1), temperature, top_k, top_p)
+    fin = jnp.isfinite(logits)
+    finite = jnp.all(fin[:, 0], -1) & (~ok | jnp.all(fin[:, 1], -1))
+    g, mtp = mtp_step(params, mtp, hidden, jnp.stack([tok1, tok2], 1), pos, cfg, plan, "decode")
+    q_new = lm_logits(params, jnp.take_along_axis(g, ok.astype(jnp.int32)[:, None, None], axis=1)[:, 0], cfg)
+    d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, n_out + 1 + ok), 1), temperature, top_k, top_p)
+    cache = cache.replace(lengths=n + jnp.where(active, 1 + ok.astype(jnp.int32), 0))
+    draft, q = jnp.where(active, d, draft), jnp.where(active[:, None], q_new, q)
+    return jnp.stack([tok1, tok2, ok.astype(jnp.int32), finite.astype(jnp.int32)]), cache, mtp, draft, q
+
+
 class Engine:
     """See the module docstring. slots: decode slots (the batch of every decode step); max_len: cache positions
     per slot (a multiple of `chunk`), the most prompt + new tokens a request may have; chunk: prompt tokens per
     prefill call; plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an FP8 cache's
-    scales, as for `generate`."""
+    scales, as for `generate`; mtp: draft with the MTP module and verify every step (module docstring)."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
-                 plan: ExecutionPlan | None = None, kv_scale=None):
+                 plan: ExecutionPlan | None = None, kv_scale=None, mtp: bool = False):
         plan = ExecutionPlan.build(plan)
+        if mtp and params.mtp is None:
+            raise ValueError("mtp=True drafts with the MTP module: these parameters have none")
         if slots < 1 or chunk < 1:
             raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
         if max_len % chunk:
@@ -139,6 +205,12 @@ class Engine:
         self.slots, self.max_len = slots, max_len
         cache = init_cache(cfg, slots, max_len, kv_scale=kv_scale)
         self.cache = shard_cache(cache, plan.mesh, plan.rules) if plan.mesh is not None else cache
+        self.mtp = None
+        if mtp:  # the MTP layer's own latent cache (model dtype), each slot's draft and its logits
+            m = init_cache(cfg.replace(num_hidden_layers=1, first_k_dense_replace=0), slots, max_len)
+            self.mtp = shard_cache(m, plan.mesh, plan.rules) if plan.mesh is not None else m
+            self._draft = jnp.zeros(slots, jnp.int32)
+            self._q = jnp.zeros((slots, cfg.vocab_size), jnp.float32)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request | None] = [None] * slots
         self.finished: list[Request] = []
@@ -217,6 +289,19 @@ class Engine:
         piece = r.prompt[start:start + self.chunk]
         tokens = np.zeros(self.chunk, np.int32)
         tokens[:len(piece)] = piece
+        if self.mtp is not None:
+            nxt = np.zeros(self.chunk, np.int32)
+            after = r.prompt[start + 1:start + 1 + self.chunk]
+            nxt[:len(after)] = after
+            final = start + len(piece) == len(r.prompt)
+            tok, finite, self.cache, self.mtp, self._draft, self._q = _prefill_chunk_mtp(
+                self.params, self.cache, self.mtp, self._draft, self._q, jnp.int32(r.slot), jnp.asarray(tokens),
+                jnp.asarray(nxt), jnp.int32(start), jnp.int32(len(piece) - 1), jnp.bool_(final), *self._params([r]),
+                cfg=self.cfg, plan=self.plan)
+            r.prefilled += len(piece)
+            if final:
+                self._emit(r, int(tok[0]), bool(finite[0]))
+            return
         logits, self.cache = _prefill_chunk(self.params, self.cache, jnp.int32(r.slot), jnp.asarray(tokens),
                                             jnp.int32(start), jnp.int32(len(piece) - 1), cfg=self.cfg,
                                             plan=self.plan)
@@ -234,6 +319,17 @@ class Engine:
         for i, r in enumerate(rows):
             if r is not None:
                 host[:, i] = r.tokens[-1], len(r.tokens), 1
+        if self.mtp is not None:
+            out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
+                self.params, self.cache, self.mtp, self._draft, self._q, jnp.asarray(host), *self._slot_params,
+                cfg=self.cfg, plan=self.plan)
+            for r, (t1, t2, ok, fin) in zip(rows, np.asarray(out).T):
+                if r is not None:
+                    r.drafted, r.accepted = r.drafted + 1, r.accepted + int(ok)
+                    self._emit(r, int(t1), bool(fin))
+                    if ok and not r.done:
+                        self._emit(r, int(t2), True)
+            return
         nxt, finite, self.cache = _decode_slots(self.params, self.cache, jnp.asarray(host), *self._slot_params,
                                                 cfg=self.cfg, plan=self.plan)
         nxt, finite = np.asarray(nxt), np.asarray(finite)

@@ -112,7 +112,12 @@ def step_keys(seed: int, request_ids: jax.Array, step) -> jax.Array:
 def draft_keys(seed: int, request_ids: jax.Array, step, stream: int) -> jax.Array:
     """Keys of speculative decoding's own draws for output position `step`, apart from `step_keys`'s: stream 1
     samples the draft, 2 the acceptance test, 3 the residual."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, stream))(step_keys(seed, request_ids, step))
+    return stream_keys(step_keys(seed, request_ids, step), stream)
+
+
+def stream_keys(keys: jax.Array, stream: int) -> jax.Array:
+    """[B] keys folded with a stream number (`draft_keys`)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
 
 
 def accept_draft(target_logits: jax.Array, draft_logits: jax.Array, draft: jax.Array, seed: int,
@@ -128,13 +133,25 @@ def accept_draft(target_logits: jax.Array, draft_logits: jax.Array, draft: jax.A
     if sp.greedy:
         tok = greedy(target_logits)
         return tok == draft, tok
-    p = jax.nn.softmax(filtered_logits(target_logits, sp), axis=-1)
-    q = jax.nn.softmax(filtered_logits(draft_logits, sp), axis=-1)
+    b = target_logits.shape[0]
+    keys = step_keys(seed, request_ids, step)
+    return accept_rows(target_logits, draft_logits, draft, keys, jnp.full(b, sp.temperature, jnp.float32),
+                       jnp.full(b, sp.top_k, jnp.int32), jnp.full(b, sp.top_p, jnp.float32))
+
+
+def accept_rows(target_logits, draft_logits, draft, keys, temperature, top_k, top_p):
+    """`accept_draft` with each row's own parameters ([B]; temperature 0: greedy verification) and its step key
+    (`row_keys`; streams 2 and 3 are drawn from it)."""
+    tok = greedy(target_logits)
+    p = jax.nn.softmax(filtered_rows(target_logits, temperature, top_k, top_p), axis=-1)
+    q = jax.nn.softmax(filtered_rows(draft_logits, temperature, top_k, top_p), axis=-1)
     pick = draft[:, None].astype(jnp.int32)
     p_d, q_d = (jnp.take_along_axis(x, pick, axis=-1)[:, 0] for x in (p, q))
-    u = jax.vmap(jax.random.uniform)(draft_keys(seed, request_ids, step, 2))
+    u = jax.vmap(jax.random.uniform)(stream_keys(keys, 2))
     accepted = u * q_d < p_d  # u < p(d) / q(d), without dividing by a q(d) that rounds to 0
     residual = jnp.maximum(p - q, 0.0)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q: never rejected
-    other = jax.vmap(jax.random.categorical)(draft_keys(seed, request_ids, step, 3), jnp.log(residual))
-    return accepted, jnp.where(accepted, draft, other).astype(jnp.int32)
+    other = jax.vmap(jax.random.categorical)(stream_keys(keys, 3), jnp.log(residual))
+    sampled = temperature > 0
+    return (jnp.where(sampled, accepted, tok == draft),
+            jnp.where(sampled, jnp.where(accepted, draft, other).astype(jnp.int32), tok))

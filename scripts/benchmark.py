@@ -1,9 +1,10 @@
 """The serving benchmark: a request load through the continuous-batching engine over a sweep of concurrencies (or
 arrival rates), reporting time to first token, time per output token, tokens/s per user and in total (medians and
-p90), and the curve of tokens/s per user against in total. --hf runs HuggingFace transformers' `generate` on the
-same config and weights in the same process, in static batches of each concurrency, and gives the ratio.
+p90), with and without MTP (--mtp), and the curve of tokens/s per user against in total. --hf runs HuggingFace
+transformers' `generate` on the same config and weights in the same process, in static batches of each
+concurrency, and gives the ratio.
 
-    python scripts/benchmark.py                                     # the bundled model, concurrency 1..16
+    python scripts/benchmark.py --mtp                               # the bundled model, concurrency 1..16
     python scripts/benchmark.py --preset small --input-len 128 --output-len 64 --concurrency 1 4
     python scripts/benchmark.py --hf --input-len 64 --output-len 64 --json docs/benchmark.json --plot docs/benchmark.png
 """
@@ -61,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead of a closed loop; "
                     "--concurrency then sets the engine's slots")
     ap.add_argument("--chunk", type=int, default=64, help="prompt tokens per prefill call")
+    ap.add_argument("--mtp", action="store_true", help="each concurrency also with MTP drafts verified every step "
+                    "(a checkpoint with an MTP module)")
     ap.add_argument("--hf", action="store_true", help="HF transformers side by side (random weights of the "
                     "config, loaded into both; fixed lengths; needs the reference extra)")
     ap.add_argument("--json", default=None)
@@ -92,12 +95,16 @@ def main(argv=None):
     items = load.items(cfg.vocab_size)
     need = max(len(p) + n for p, n in items)
     max_len = -(-need // args.chunk) * args.chunk
+    if args.mtp and (hf is not None or params.mtp is None):
+        ap.error("--mtp needs a checkpoint with an MTP module (not --hf or --preset)")
     rows = []
-    for c in args.concurrency:
-        engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk)
+    for c, mtp in ((c, m) for c in args.concurrency for m in ((False, True) if args.mtp else (False,))):
+        engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp)
         run_load(engine, items[:c], concurrency=c)  # compiles the prefill chunk and the decode step
         reqs, secs = run_load(engine, items, concurrency=None if args.rate else c, rate=args.rate)
-        row = {"concurrency": c, **metrics(reqs, secs)}
+        row = {"concurrency": c, "mtp": mtp, **metrics(reqs, secs)}
+        if mtp:
+            row["acceptance"] = sum(r.accepted for r in reqs) / max(1, sum(r.drafted for r in reqs))
         if hf is not None:
             row["hf_total_tok_s"] = hf_total_tok_s(hf, items, c)
             row["ratio_vs_hf"] = row["total_tok_s"] / row["hf_total_tok_s"]
@@ -107,10 +114,11 @@ def main(argv=None):
                  f"{load.output_len[0]}-{load.output_len[1]}, " + (f"{args.rate} req/s" if args.rate else
                                                                    "closed loop"))
     print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk} ({machine})")
-    print(f"{'conc':>4} {'TTFT ms p50/p90':>17} {'TPOT ms p50/p90':>16} {'tok/s/user p50/p90':>19} "
+    print(f"{'conc':>4} {'MTP':>4} {'TTFT ms p50/p90':>17} {'TPOT ms p50/p90':>16} {'tok/s/user p50/p90':>19} "
           f"{'tok/s total':>11}" + (f" {'HF static':>9} {'ratio':>6}" if hf else ""))
     for r in rows:
-        print(f"{r['concurrency']:4d} {r['ttft_ms']['median']:8.1f}/{r['ttft_ms']['p90']:<8.1f} "
+        mtp = f"{r['acceptance']:.2f}" if r["mtp"] else "-"
+        print(f"{r['concurrency']:4d} {mtp:>4} {r['ttft_ms']['median']:8.1f}/{r['ttft_ms']['p90']:<8.1f} "
               f"{r['tpot_ms']['median']:7.2f}/{r['tpot_ms']['p90']:<8.2f} {r['per_user_tok_s']['median']:9.1f}/"
               f"{r['per_user_tok_s']['p90']:<9.1f} {r['total_tok_s']:11.1f}"
               + (f" {r['hf_total_tok_s']:9.1f} {r['ratio_vs_hf']:5.2f}x" if hf else ""))
@@ -122,9 +130,13 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["per_user_tok_s"]["median"] for r in rows], [r["total_tok_s"] for r in rows], "o-")
-        for r in rows:
-            ax.annotate(f"{r['concurrency']}", (r["per_user_tok_s"]["median"], r["total_tok_s"]))
+        for mtp in sorted({r["mtp"] for r in rows}):
+            sel = [r for r in rows if r["mtp"] == mtp]
+            ax.plot([r["per_user_tok_s"]["median"] for r in sel], [r["total_tok_s"] for r in sel], "o-",
+                    label="MTP" if mtp else "no MTP")
+            for r in sel:
+                ax.annotate(f"{r['concurrency']}", (r["per_user_tok_s"]["median"], r["total_tok_s"]))
+        ax.legend()
         ax.set(xlabel="tokens/s per user (median)", ylabel="tokens/s in total", title=f"{name} (CPU)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

@@ -27,8 +27,8 @@ def _load(eos):
             (4, 18, SamplingParams(temperature=0.6, seed=5), 14, 9), (5, 10, SamplingParams(), 15, 20)]
 
 
-def _run(params, cfg, prompts, eos, load, log=None):
-    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK)
+def _run(params, cfg, prompts, eos, load, log=None, mtp=False):
+    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp)
     pending, reqs = sorted(load, key=lambda x: x[4]), {}
     while pending or not engine.idle:
         while pending and pending[0][4] <= engine.steps:
@@ -39,14 +39,20 @@ def _run(params, cfg, prompts, eos, load, log=None):
     return reqs, engine
 
 
-def test_each_request_gets_what_it_gets_alone(bundled):
+@pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
+def test_each_request_gets_what_it_gets_alone(bundled, mtp):
+    """With mtp=True every step verifies each slot's MTP draft: greedy requests still get `generate`'s tokens,
+    sampled ones the same tokens alone as under the load."""
     params, cfg, prompts, eos = bundled
     load = _load(eos)
     log = []
-    together, engine = _run(params, cfg, prompts, eos, load, log)
-    assert max(len(p) for p in prompts) > 4 * CHUNK // 2 and engine.steps > 30
+    together, engine = _run(params, cfg, prompts, eos, load, log, mtp)
+    assert max(len(p) for p in prompts) > 4 * CHUNK // 2 and engine.steps > 20
+    if mtp:
+        drafted, accepted = (sum(getattr(r, k) for r in together.values()) for k in ("drafted", "accepted"))
+        assert 0 < accepted < drafted
     for item in load:
-        alone, _ = _run(params, cfg, prompts, eos, [item[:4] + (0,)])
+        alone, _ = _run(params, cfg, prompts, eos, [item[:4] + (0,)], mtp=mtp)
         r = together[item[3]]
         assert r.tokens == alone[item[3]].tokens, item
         assert r.finish_reason in ("stop", "length") and r.ttft_s > 0 and (len(r.tokens) < 2 or r.tpot_s > 0)
