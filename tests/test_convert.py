@@ -125,9 +125,7 @@ def _check_placed(got, want, mesh):
 
 
 def test_restore_onto_meshes(direct, converted, tmp_path):
-    # the converted FP8 release (saved from the host) onto 4 and 8 devices, experts split
-    mesh = make_mesh("expert=4", devices=jax.devices()[:4])
-    _check_placed(load_checkpoint(converted[0], mesh=mesh)[0], direct, mesh)
+    # the converted FP8 release (saved from the host) onto 8 devices, experts split
     mesh = make_mesh("data=2,expert=4")
     params, _, tok = load_any(converted[0], mesh=mesh)   # as the command line loads it
     _check_placed(params, direct, mesh)
