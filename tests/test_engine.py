@@ -120,3 +120,18 @@ def test_a_load_runs_through_the_engine_closed_and_open_loop(bundled):
         assert m["ttft_ms"]["median"] > 0 and m["per_user_tok_s"]["p90"] >= m["per_user_tok_s"]["median"]
     with pytest.raises(ValueError, match="output_len must be a range 1 <= lo <= hi, got \\(3, 2\\)"):
         Load(1, (1, 1), (3, 2))
+
+
+def test_the_engine_on_a_mesh(bundled):
+    """Slots split over the batch axis, experts over the expert axis: the same greedy tokens as on one device."""
+    from model import ExecutionPlan, shard_params
+    from sharding.mesh import make_mesh
+    params, cfg, prompts, eos = bundled
+    plan = ExecutionPlan(mesh=make_mesh("data=2,expert=4"))
+    engine = Engine(shard_params(params, cfg, plan.mesh), cfg, slots=2, max_len=MAX_LEN, chunk=CHUNK, plan=plan)
+    reqs = [engine.submit(prompts[i], max_new_tokens=8, stop_tokens=[eos], request_id=i) for i in (0, 1, 2)]
+    engine.run()
+    alone, _ = _run(params, cfg, prompts, eos, [(i, 8, SamplingParams(), i, 0) for i in (0, 1, 2)])
+    assert [r.tokens for r in reqs] == [alone[i].tokens for i in (0, 1, 2)]
+    with pytest.raises(ValueError, match="batch=3 is not divisible by mesh axes data of size 2"):
+        Engine(params, cfg, slots=3, max_len=MAX_LEN, chunk=CHUNK, plan=plan)
