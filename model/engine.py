@@ -84,23 +84,26 @@ class Request:
         return (self.t_done - self.t_first) / (len(self.tokens) - 1)
 
 
+def _slot_view(cache, slot):
+    def row(a):
+        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
+    return cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
+
+
+def _slot_write(cache, one, slot):
+    def put(a, b):
+        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
+    return cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe))
+
+
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
 def _prefill_chunk(params, cache, slot, tokens, start, last, cfg, plan):
     """tokens [C] of one request at positions start.. into row `slot` of the cache; logits [V] at index `last` of
     the chunk (the prompt's last token when this is its last chunk)."""
-    def row(a):
-        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
-
-    one = cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
     pos = (start + jnp.arange(tokens.shape[0], dtype=jnp.int32))[None]
-    hidden, one, _ = forward(params, one, tokens[None], pos, None, cfg, plan, "decode")
+    hidden, one, _ = forward(params, _slot_view(cache, slot), tokens[None], pos, None, cfg, plan, "decode")
     logits = lm_logits(params, hidden[0, last], cfg)
-
-    def put(a, b):
-        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
-
-    cache = cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe),
-                          lengths=cache.lengths.at[slot].set(start + last + 1))
+    cache = _slot_write(cache, one, slot).replace(lengths=cache.lengths.at[slot].set(start + last + 1))
     return logits, cache
 
 
@@ -120,18 +123,6 @@ def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request
     logits, cache = decode_fn(params, cache, tokens, cfg, plan)
     cache = cache.replace(lengths=jnp.where(active, lengths + 1, lengths))
     return (*_sample(logits, temperature, top_k, top_p, seeds, request_ids, steps), cache)
-
-
-def _slot_view(cache, slot):
-    def row(a):
-        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
-    return cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
-
-
-def _slot_write(cache, one, slot):
-    def put(a, b):
-        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
-    return cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe))
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
