@@ -30,6 +30,7 @@ from model.params import Params, abstract_params, init, param_counts, param_info
 from model.placement import shard_cache, shard_params  # on a mesh
 from model.plan import ExecutionPlan
 from model.quantize import Calibration, calibrate, quantize_params  # precision
+from model.routing import Routed, RoutingStats, routing_stats, token_mask  # what the router did
 from model.sampling import SamplingParams
 
 __all__ = [
@@ -37,5 +38,5 @@ __all__ = [
     "Params", "init", "abstract_params", "param_counts", "param_infos",
     "Cache", "init_cache", "ExecutionPlan", "shard_params", "shard_cache",
     "prefill", "decode_step", "generate", "GenerateOutput", "SamplingParams", "Engine", "Request",
-    "Calibration", "calibrate", "quantize_params",
+    "Calibration", "calibrate", "quantize_params", "Routed", "RoutingStats", "routing_stats", "token_mask",
 ]

@@ -63,6 +63,28 @@ def load_any(path: str | Path, tokenizer: str = "auto", *, mesh=None, dtype: str
     return params, cfg, tokenizer_for(tokenizer, cfg.vocab_size, path)
 
 
+def quantizes_later(recipe) -> bool:
+    """Whether `apply_recipe` quantizes on the host and then places the result on the mesh (so the checkpoint is
+    loaded without the mesh first)."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    return recipe.quantizes or recipe.kv_fp8
+
+
+def apply_recipe(params, cfg, tok, recipe, mesh=None):
+    """(params, kv_scale): the parameters quantized by a recipe (a name or a Recipe; calibrated on the training
+    splits where its activation scales are static) and placed on `mesh`; kv_scale: the FP8 cache's scales, or
+    None. A recipe that quantizes nothing returns the parameters as they are (placed as they were loaded: load
+    onto the mesh only then, see `quantizes_later`)."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if not quantizes_later(recipe):
+        return params, None
+    calib = calibrate(params, cfg, calibration_sequences(tok)) if recipe.static_activation_scales else None
+    params = quantize_params(params, cfg, recipe, calib)
+    if mesh is not None:
+        params = shard_params(params, cfg, mesh)
+    return params, calib.kv if recipe.kv_fp8 and calib is not None else None
+
+
 REQUEST_FIELDS = ("prompt", "id", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop")
 
 
@@ -267,9 +289,8 @@ def generate_main(argv=None):
     try:
         mesh = make_mesh(args.mesh) if args.mesh else None
         # a recipe applied here quantizes on the host first, then places the result
-        later = mesh is not None and (recipe.quantizes or recipe.kv_fp8)
-        params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if later else mesh, dtype=args.dtype,
-                                    check_finite=False if args.no_finite_check else None)
+        params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if quantizes_later(recipe) else mesh,
+                                    dtype=args.dtype, check_finite=False if args.no_finite_check else None)
         if mesh is not None and requests is None:
             check_divisible(cfg, mesh, batch=1)
     except (CheckpointError, TokenizerError, ValueError) as e:
@@ -288,13 +309,7 @@ def generate_main(argv=None):
     if args.max_new_tokens == 0 and requests is None:
         print(args.prompt)
         return
-    kv_scale = None
-    if recipe.quantizes or recipe.kv_fp8:
-        calib = calibrate(params, cfg, calibration_sequences(tok)) if recipe.static_activation_scales else None
-        kv_scale = calib.kv if recipe.kv_fp8 else None
-        params = quantize_params(params, cfg, recipe, calib)
-        if mesh is not None:
-            params = shard_params(params, cfg, mesh)
+    params, kv_scale = apply_recipe(params, cfg, tok, recipe, mesh)
     plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
     if args.speculative and args.backend != "xla":
         ap.error("--speculative runs on --backend xla (the pallas decode kernel verifies one token per step)")

@@ -216,7 +216,8 @@ class Engine:
                on_token: Callable | None = None) -> Request:
         """Queue a request, checked first: a bad one raises ValueError naming the problem and changes nothing.
         request_id: the sampling key's id (default: the order of submission). on_token(request, token) is called
-        as each token is produced."""
+        as each token is produced; when it returns True the request ends there, as at a stop token (a stop string,
+        say, that the caller watches for in the decoded text)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or \
                 max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -338,9 +339,8 @@ class Engine:
         r.tokens.append(tok)
         if r.t_first is None:
             r.t_first = now
-        if r.on_token is not None:
-            r.on_token(r, tok)
-        if tok in r.stop_tokens:
+        halt = r.on_token(r, tok) if r.on_token is not None else False
+        if tok in r.stop_tokens or halt:
             self._finish(r, "stop", now)
         elif len(r.tokens) >= r.max_new_tokens:
             self._finish(r, "length", now)

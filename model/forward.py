@@ -24,14 +24,15 @@ from model.plan import ExecutionPlan
 
 
 def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, plan: ExecutionPlan, phase: str,
-          rope_offset: int = 0):
+          rope_offset: int = 0, routing: bool = False):
     """One decoder layer. x: [B, T, D]; cache: this layer's slice (c_kv [B, S, C], k_pe [B, S, R], kv_scale [2]
     when FP8) or None (training: nothing written); positions: [B, T]; segments: [B, T] document ids of packed
     training rows (a token attends only to earlier tokens of its own document) or None.
 
     prefill / train: the new latents are written at offset 0 and attention runs in the naive form among the T
     tokens; decode: they are written at each sequence's position and attention runs in the absorbed form against
-    the cache. Returns (x, cache, stats): stats = (load [E], balance term) of a MoE layer in the train phase.
+    the cache. Returns (x, cache, stats): stats = (load [E], balance term) of a MoE layer in the train phase, its
+    `Routed` with routing=True (model/routing.py), else None.
     rope_offset: RoPE rotates at positions + rope_offset, the cache slots stay `positions` (the MTP layer runs one
     position ahead of the slot it writes, model/mtp.py).
     """
@@ -51,11 +52,11 @@ def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, pl
     x = x + a
     h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
     with jax.named_scope("ffn"):
-        f, stats = moe(p.ffn, h, cfg, plan, phase) if isinstance(p.ffn, Moe) else (swiglu(p.ffn, h), None)
+        f, stats = moe(p.ffn, h, cfg, plan, phase, routing) if isinstance(p.ffn, Moe) else (swiglu(p.ffn, h), None)
     return x + f, cache, stats
 
 
-def _run_stack(stack: Layer, x, kv, lengths, positions, segments, cfg, plan, phase):
+def _run_stack(stack: Layer, x, kv, lengths, positions, segments, cfg, plan, phase, routing):
     """lax.scan over a stack of layers; kv: the stack's cache buffers (c_kv [L', B, S, C], k_pe, kv_scale [L', 2]
     or None) or None. MoE expert stacks are not scanned but closed over whole and indexed by layer (model/moe.py,
     ExpertView), so a step reads only the experts it routes to. Returns (x, new (c_kv, k_pe) or None, stats)."""
@@ -69,7 +70,7 @@ def _run_stack(stack: Layer, x, kv, lengths, positions, segments, cfg, plan, pha
         if experts is not None:
             layer = layer.replace(ffn=layer.ffn.replace(we1=experts[0], we3=experts[1], we2=experts[2], layer=idx))
         cache = None if kv is None else Cache(c_kv=kv[0], k_pe=kv[1], lengths=lengths, kv_scale=kv[2])
-        x, cache, stats = block(layer, x, cache, positions, segments, cfg, plan, phase)
+        x, cache, stats = block(layer, x, cache, positions, segments, cfg, plan, phase, routing=routing)
         return x, (None if cache is None else (cache.c_kv, cache.k_pe), stats)
 
     n = stack.attn_norm.shape[0]
@@ -78,10 +79,11 @@ def _run_stack(stack: Layer, x, kv, lengths, positions, segments, cfg, plan, pha
 
 
 def forward(params: Params, cache: Cache | None, tokens, positions, segments, cfg: Config, plan: ExecutionPlan,
-            phase: str):
+            phase: str, routing: bool = False):
     """Embed, all layers, final norm. tokens/positions: [B, T]; segments: [B, T] document ids of packed rows
     (training only) or None. Returns (hidden [B, T, D] after the final RMSNorm, the new cache (None without
-    one), stats: (load [Lm, E], balance [Lm]) in the train phase, else None)."""
+    one), stats: (load [Lm, E], balance [Lm]) in the train phase, the MoE layers' `Routed` ([Lm, B, T, X]) with
+    routing=True, else None)."""
     x = params.embed[tokens]  # [B, T, D]
     n_dense = cfg.first_k_dense_replace
     stats = None
@@ -92,7 +94,7 @@ def forward(params: Params, cache: Cache | None, tokens, positions, segments, cf
                                          None if cache.kv_scale is None else cache.kv_scale[lo:hi])
         with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
             x, kv, st = _run_stack(stack, x, kv, None if cache is None else cache.lengths, positions, segments,
-                                   cfg, plan, phase)
+                                   cfg, plan, phase, routing)
         stats = st if st is not None else stats
         if cache is not None:  # written back into the full buffers (in place when the cache is donated)
             cache = cache.replace(c_kv=cache.c_kv.at[lo:hi].set(kv[0]), k_pe=cache.k_pe.at[lo:hi].set(kv[1]))
@@ -106,27 +108,30 @@ def lm_logits(params: Params, hidden, cfg: Config) -> jax.Array:
     return logits[..., :cfg.vocab_size]
 
 
-def prefill_fn(params, cache, tokens, lengths, cfg, plan, all_logits=False):
+def prefill_fn(params, cache, tokens, lengths, cfg, plan, all_logits=False, routing=False):
     """Unjitted prefill (see `prefill`)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, cache, _ = forward(params, cache, tokens, positions, None, cfg, plan, "prefill")
+    hidden, cache, routed = forward(params, cache, tokens, positions, None, cfg, plan, "prefill", routing)
     cache = cache.replace(lengths=lengths.astype(jnp.int32))
     if all_logits:
-        return lm_logits(params, hidden, cfg), cache
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return lm_logits(params, last, cfg), cache
+        logits = lm_logits(params, hidden, cfg)
+    else:
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+        logits = lm_logits(params, last, cfg)
+    return (logits, cache, routed) if routing else (logits, cache)
 
 
-def decode_fn(params, cache, tokens, cfg, plan):
+def decode_fn(params, cache, tokens, cfg, plan, routing=False):
     """Unjitted decode step (see `decode_step`)."""
     positions = cache.lengths[:, None]  # [B, 1]
-    hidden, cache, _ = forward(params, cache, tokens[:, None], positions, None, cfg, plan, "decode")
-    return lm_logits(params, hidden[:, 0], cfg), cache.replace(lengths=cache.lengths + 1)
+    hidden, cache, routed = forward(params, cache, tokens[:, None], positions, None, cfg, plan, "decode", routing)
+    out = lm_logits(params, hidden[:, 0], cfg), cache.replace(lengths=cache.lengths + 1)
+    return (*out, routed) if routing else out
 
 
-_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "plan", "all_logits"), donate_argnames=("cache",))
-_decode = jax.jit(decode_fn, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "plan", "all_logits", "routing"), donate_argnames=("cache",))
+_decode = jax.jit(decode_fn, static_argnames=("cfg", "plan", "routing"), donate_argnames=("cache",))
 
 
 def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
@@ -140,14 +145,16 @@ def check_tokens(cfg: Config, tokens, what: str = "token ids") -> np.ndarray:
 
 
 def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_logits: bool = False,
-            plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None):
+            routing: bool = False, plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None):
     """Run right-padded prompts through the model and fill the (empty) cache.
 
     Args: tokens: [B, T] int, prompt b in tokens[b, :lengths[b]] (the rest is padding, any valid id);
       lengths: [B] int, 1 <= lengths[b] <= T <= cache.max_len. The cache is donated.
     plan: an ExecutionPlan; or, for short, backend ("xla", or "pallas": pallas_kernels/, compiled on GPU,
       interpret mode elsewhere) and mesh (parameters and cache placed with model.shard_params / shard_cache).
-    Returns: logits [B, V] float32 at each prompt's last token ([B, T, V] if all_logits), and the new cache.
+    Returns: logits [B, V] float32 at each prompt's last token ([B, T, V] if all_logits), and the new cache; with
+    routing=True also the router's choice in every MoE layer, a `model.routing.Routed` ([Lm, B, T, X]; count it
+    with routing_stats(routed, cfg, token_mask(lengths, T))). The logits are the same either way.
     """
     plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
     tok = check_tokens(cfg, tokens)
@@ -168,14 +175,15 @@ def prefill(params: Params, cache: Cache, tokens, lengths, *, cfg: Config, all_l
     if plan.mesh is not None:
         check_divisible(cfg, plan.mesh, plan.rules, batch=tok.shape[0])
     return _prefill(params, cache, jnp.asarray(tok, jnp.int32), jnp.asarray(lens, jnp.int32), cfg=cfg, plan=plan,
-                    all_logits=all_logits)
+                    all_logits=all_logits, routing=routing)
 
 
-def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, check: bool = True,
+def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, check: bool = True, routing: bool = False,
                 plan: ExecutionPlan | None = None, backend: str | None = None, mesh=None):
     """One token per sequence through the absorbed-attention path. tokens: [B]. The cache is donated.
 
-    Returns logits [B, V] float32 and the cache with each length advanced by one. With check=True the token ids
+    Returns logits [B, V] float32 and the cache with each length advanced by one (and with routing=True the
+    router's choice, a `Routed` [Lm, B, 1, X], as for `prefill`). With check=True the token ids
     and the cache capacity are verified on the host first (a small device->host read of the lengths).
     plan / backend / mesh: as for `prefill`.
     """
@@ -192,4 +200,4 @@ def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, check: boo
                          f"length that is a multiple of 16, not {cache.max_len}")
     if plan.mesh is not None:
         check_divisible(cfg, plan.mesh, plan.rules, batch=cache.batch)
-    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, plan=plan)
+    return _decode(params, cache, jnp.asarray(tokens, jnp.int32), cfg=cfg, plan=plan, routing=routing)

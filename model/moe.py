@@ -23,6 +23,7 @@ from flax import struct
 from model.config import Config
 from model.layers import F32, swiglu
 from model.params import Moe
+from model.routing import Routed
 from pallas_kernels.ops import grouped_swiglu as pallas_grouped_swiglu
 from quant.qarray import activation, map_leading, quantizes_activation, weight
 from sharding.ep import expert_parallel
@@ -257,13 +258,17 @@ def balance_stats(scores: jax.Array, idx: jax.Array, b: int, cfg: Config) -> tup
     return onehot.sum((0, 1)), jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, -1))
 
 
-def moe(p: Moe, x: jax.Array, cfg: Config, plan, phase: str):
+def moe(p: Moe, x: jax.Array, cfg: Config, plan, phase: str, routing: bool = False):
     """Routed experts + shared expert. x: [B, T, D] -> ([B, T, D], stats): stats = (load [E], balance term) in
-    the train phase (the balance loss and the router-bias rule need them), else None."""
+    the train phase (the balance loss and the router-bias rule need them); with routing=True, the router's
+    choice as a `Routed` (experts and weights [B, T, X], model/routing.py); else None."""
     b, t, d = x.shape
     x_td = x.reshape(b * t, d)
     w, idx, scores = route(p, x_td, cfg)
     routed = routed_experts(p, x_td, w, idx, plan, phase)
     shared = swiglu(p.shared, x_td).astype(F32)
-    stats = balance_stats(scores, idx, b, cfg) if phase == "train" else None
+    if phase == "train":
+        stats = balance_stats(scores, idx, b, cfg)
+    else:
+        stats = Routed(experts=idx.reshape(b, t, -1), weights=w.reshape(b, t, -1)) if routing else None
     return (routed + shared).astype(x.dtype).reshape(b, t, d), stats

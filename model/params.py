@@ -25,6 +25,7 @@ import numpy as np
 from flax import struct
 
 from model.config import Config
+from quant.qarray import QArray
 
 Array = jax.Array
 
@@ -297,3 +298,28 @@ def param_counts(cfg: Config) -> dict[str, int]:
 
 def param_bytes(tree) -> int:
     return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def param_table(params: Params, cfg: Config) -> str:
+    """The parameter tree as a table: one line per parameter with its logical shape, how it is stored (dtype, or
+    a quantized format with its codes), its logical axes (what the sharding rules map to the mesh), its bytes, and
+    its placement where it is on more than one device."""
+    infos = dict(jax.tree_util.tree_flatten_with_path(param_infos(cfg, with_mtp=params.mtp is not None),
+                                                      is_leaf=is_info)[0])
+    rows = [("parameter", "shape", "stored as", "logical axes", "MB", "placement")]
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
+        info = infos.get(path)
+        name = jax.tree_util.keystr(path).lstrip(".")
+        nbytes = param_bytes(leaf)
+        total += nbytes
+        stored = f"{leaf.fmt} ({leaf.codes.dtype} codes)" if isinstance(leaf, QArray) else str(leaf.dtype)
+        arr = leaf.codes if isinstance(leaf, QArray) else leaf
+        sharding = getattr(arr, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        placed = str(tuple(spec)) if spec is not None and len(sharding.device_set) > 1 else ""
+        axes = ", ".join(str(a) for a in info.logical_axes) if info is not None else ""
+        rows.append((name, str(tuple(leaf.shape)), stored, axes, f"{nbytes / 1e6:.2f}", placed))
+    rows.append(("total", "", "", "", f"{total / 1e6:.2f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

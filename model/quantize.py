@@ -76,8 +76,17 @@ def quantize_params(params: Params, cfg: Config, recipe: str | Recipe, calib: Ca
 
     calib: from `calibrate`, for static per-tensor activation scales (NVFP4 W4A4 needs them; without them the
     per-tensor activation scale is computed at run time from each activation's own amax)."""
-    return quantize_tree(params, param_infos(cfg, with_mtp=params.mtp is not None), recipe,
-                         calib.inputs if calib is not None else {})
+    r = get_recipe(recipe)
+    if not r.quantizes:
+        return params
+    return _quantize_params(params, calib.inputs if calib is not None else {}, cfg=cfg, recipe=r)
+
+
+# The whole tree in one compiled program: weight by weight, every distinct weight compiles its own quantizer
+# (seconds per recipe on CPU for the same values).
+@partial(jax.jit, static_argnames=("cfg", "recipe"))
+def _quantize_params(params, inputs, cfg, recipe):
+    return quantize_tree(params, param_infos(cfg, with_mtp=params.mtp is not None), recipe, inputs)
 
 
 def quantize_tree(tree, infos, recipe: str | Recipe, inputs: dict | None = None):
@@ -134,6 +143,7 @@ def with_compute_dtype(params: Params, cfg: Config, dtype: str) -> tuple[Params,
     return jax.tree.map(one, infos, params, is_leaf=is_info), cfg
 
 
+@jax.jit  # one program for the tree: op by op, every weight's decode would compile its own few operations
 def dequantize_all(tree):
     """Every QArray of a tree as the plain array of its dtype (the FP8 release as BF16 weights)."""
     return jax.tree.map(_plain, tree, is_leaf=qarray.is_qarray)

@@ -39,6 +39,14 @@ def release(tmp_path_factory):
     return path, write_release(path, params, RELEASE_TINY, tokenizer=tokenizer)
 
 
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The bundled trained model: (params, cfg, tokenizer), loaded once for the modules that read it."""
+    from model.cli import BUNDLED_CHECKPOINT, load_any
+
+    return load_any(BUNDLED_CHECKPOINT)
+
+
 # ---- DeepSeek-V3's sizes for one layer, as abstract arrays (nothing allocated): kernel lowering and inspection --
 
 @pytest.fixture(scope="session")
