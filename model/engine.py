@@ -39,11 +39,11 @@ import numpy as np
 from model.cache import init_cache
 from model.config import Config
 from model.forward import check_tokens, decode_fn, forward, lm_logits
-from model.mtp import mtp_step
+from model.mtp import mtp_step, verify_step
 from model.params import Params
 from model.placement import check_divisible, shard_cache
 from model.plan import ExecutionPlan
-from model.sampling import SamplingParams, accept_rows, row_keys, sample_rows, stream_keys
+from model.sampling import SamplingParams, row_keys, sample_rows, stream_keys
 
 
 @dataclasses.dataclass(eq=False)
@@ -149,22 +149,16 @@ def _prefill_chunk_mtp(params, cache, mtp, draft, q, slot, tokens, nxt, start, l
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
 def _verify_slots(params, cache, mtp, draft, q, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan):
-    """One verify step for every slot (as model/generate.py's `_speculative_loop`, with each slot's own sampling):
-    [pending, draft] at positions n, n + 1; the draft accepted or replaced; a second token when accepted; the MTP
-    layer on both new entries, drafting the next. host: [3, B] (pending token, tokens so far, decoding or not).
+    """One verify step for every slot (`model.mtp.verify_step`, with each slot's own sampling). host: [3, B]
+    (pending token, tokens so far, decoding or not).
     Returns ([4, B]: first token, second token, accepted, finite; the caches; the new drafts and draft logits)."""
     pending, n_out, active = host[0], host[1], host[2] > 0
     n = cache.lengths
-    pos = n[:, None] + jnp.arange(2, dtype=jnp.int32)
-    hidden, cache, _ = forward(params, cache, jnp.stack([pending, draft], 1), pos, None, cfg, plan, "decode")
-    logits = lm_logits(params, hidden, cfg)  # [B, 2, V]
-    ok, tok1 = accept_rows(logits[:, 0], q, draft, row_keys(seeds, request_ids, n_out), temperature, top_k, top_p)
-    tok2 = sample_rows(logits[:, 1], row_keys(seeds, request_ids, n_out + 1), temperature, top_k, top_p)
+    logits, ok, tok1, tok2, d, q_new, cache, mtp = verify_step(
+        params, cache, mtp, pending, draft, q, n_out, lambda step: row_keys(seeds, request_ids, step), temperature,
+        top_k, top_p, cfg, plan)
     fin = jnp.isfinite(logits)
     finite = jnp.all(fin[:, 0], -1) & (~ok | jnp.all(fin[:, 1], -1))
-    g, mtp = mtp_step(params, mtp, hidden, jnp.stack([tok1, tok2], 1), pos, cfg, plan, "decode")
-    q_new = lm_logits(params, jnp.take_along_axis(g, ok.astype(jnp.int32)[:, None, None], axis=1)[:, 0], cfg)
-    d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, n_out + 1 + ok), 1), temperature, top_k, top_p)
     cache = cache.replace(lengths=n + jnp.where(active, 1 + ok.astype(jnp.int32), 0))
     draft, q = jnp.where(active, d, draft), jnp.where(active[:, None], q_new, q)
     return jnp.stack([tok1, tok2, ok.astype(jnp.int32), finite.astype(jnp.int32)]), cache, mtp, draft, q

@@ -16,11 +16,11 @@ import numpy as np
 from model.cache import cache_shapes
 from model.config import Config
 from model.forward import check_tokens, decode_fn, forward, lm_logits, prefill_fn
-from model.mtp import mtp_step
+from model.mtp import mtp_step, verify_step
 from model.params import Params
 from model.placement import check_divisible
 from model.plan import ExecutionPlan
-from model.sampling import SamplingParams, accept_draft, draft_keys, sample, step_keys
+from model.sampling import SamplingParams, draft_keys, sample, step_keys
 from sharding.rules import mesh_size
 
 PAD = -1
@@ -100,12 +100,10 @@ def _take(x, idx):
 @partial(jax.jit, static_argnames=("cfg", "sp", "max_new_tokens", "max_len", "plan", "check_finite"))
 def _speculative_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, cfg, sp, max_new_tokens, max_len,
                       plan, check_finite=True):
-    """Self-speculative decoding with the MTP module, depth 1. Each step feeds [pending token, draft] through the
-    main model at positions n, n + 1 (the cache holds n tokens), verifies the draft against the logits at n
-    (`accept_draft`), and emits one token, or two when the draft is accepted (the second drawn from the logits at
-    n + 1). The MTP layer then runs on both new entries, (h_n, token at n + 1) and (h_n+1, token at n + 2), with
-    its own latent cache, and drafts the next token from the last accepted one. Entries past a rejection are
-    overwritten by the next step before anything attends to them."""
+    """Self-speculative decoding with the MTP module, depth 1: the prefill fills both latent caches and drafts the
+    first token; each step is `model.mtp.verify_step` (the draft verified, one token emitted, or two when it is
+    accepted, the next drafted by the MTP layer with its own cache). Entries past a rejection are overwritten by
+    the next step before anything attends to them."""
     b, t = tokens.shape
     shapes = cache_shapes(cfg, b, max_len, fp8=kv_scale is not None)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.replace(kv_scale=None))
@@ -134,14 +132,15 @@ def _speculative_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, 
     def cond(state):
         return ~jnp.all(state[5])
 
+    rows_sp = (jnp.full(b, sp.temperature, jnp.float32), jnp.full(b, sp.top_k, jnp.int32),
+               jnp.full(b, sp.top_p, jnp.float32))
+
     def body(state):
         cache, mtp, pending, draft, q_logits, done, out, n_out, drafted, accepted, bad = state
         n = cache.lengths
-        pos = n[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B, 2]
-        hidden, cache, _ = forward(params, cache, jnp.stack([pending, draft], 1), pos, None, cfg, plan, "decode")
-        logits = lm_logits(params, hidden, cfg)  # [B, 2, V]
-        ok, tok1 = accept_draft(logits[:, 0], q_logits, draft, sp.seed, request_ids, n_out, sp)
-        tok2 = sample(logits[:, 1], step_keys(sp.seed, request_ids, n_out + 1), sp)
+        logits, ok, tok1, tok2, nxt_draft, q_logits, cache, mtp = verify_step(
+            params, cache, mtp, pending, draft, q_logits, n_out, lambda step: step_keys(sp.seed, request_ids, step),
+            *rows_sp, cfg, plan)
         finite = _finite_rows(logits[:, 0], check_finite) & (~ok | _finite_rows(logits[:, 1], check_finite))
         bad = jnp.where(~done & ~finite, n_out, bad)
         live = ~done & finite
@@ -154,11 +153,8 @@ def _speculative_loop(params, tokens, lengths, stop_ids, request_ids, kv_scale, 
         n_out = n_out + live + second
         done = done | ~finite | jnp.isin(last, stop_ids) | (n_out >= max_new_tokens)
         grow = jnp.where(done, 0, 1 + ok.astype(jnp.int32))
-        m_hidden, mtp = mtp_step(params, mtp, hidden, jnp.stack([tok1, tok2], 1), pos, cfg, plan, "decode")
-        q_logits = lm_logits(params, _take(m_hidden, ok.astype(jnp.int32)), cfg)
-        draft = sample(q_logits, draft_keys(sp.seed, request_ids, n_out, 1), sp)
-        return (cache.replace(lengths=n + grow), mtp, jnp.where(ok, tok2, tok1), draft, q_logits, done, out, n_out,
-                drafted, accepted, bad)
+        return (cache.replace(lengths=n + grow), mtp, jnp.where(ok, tok2, tok1), nxt_draft, q_logits, done, out,
+                n_out, drafted, accepted, bad)
 
     state = (cache, mtp, first, draft, q_logits, done, out, n_out, zeros, zeros, bad)
     state = jax.lax.while_loop(cond, body, state)

@@ -8,8 +8,8 @@ recipe, on a mesh.
 
 `HarnessModel` answers the requests of the harness's `LM` interface and needs nothing of the harness:
 - loglikelihood((context, continuation)): log p(continuation | <bos> context) and whether greedy decoding would
-  produce it; batches of right-padded rows through `prefill` with every position's logits (the serving path, on
-  the plan's mesh and with the recipe's FP8 cache where it has one);
+  produce it; batches of right-padded rows through the serving path's prefill with every position's logits, on
+  the plan's mesh;
 - loglikelihood_rolling((text,)): the whole text's log-likelihood in windows of max_length tokens, each token
   predicted once with as much context as fits (the harness's rolling-window rule);
 - generate_until((context, gen_kwargs)): through the continuous-batching engine (model/engine.py), greedy unless
@@ -159,7 +159,7 @@ class HarnessModel:
         until = kw.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         n = int(kw.get("max_gen_toks", self.max_gen_toks))
-        temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+        temperature = float(kw.get("temperature", 1.0)) if kw.get("do_sample", False) else 0.0  # HF's defaults
         sampling = SamplingParams(temperature=temperature, top_p=float(kw.get("top_p", 1.0)),
                                   top_k=int(kw.get("top_k", 0)), seed=int(kw.get("seed", 0)))
         return until, n, sampling

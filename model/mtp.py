@@ -19,7 +19,7 @@ from model.forward import block, forward, lm_logits
 from model.layers import dot, rms_norm
 from model.params import Params
 from model.plan import ExecutionPlan
-from model.sampling import greedy
+from model.sampling import accept_rows, greedy, sample_rows, stream_keys
 
 
 def _mtp_input(params: Params, hidden: jax.Array, next_tokens: jax.Array, cfg: Config) -> jax.Array:
@@ -57,6 +57,30 @@ def mtp_step(params: Params, cache: Cache, hidden: jax.Array, next_tokens: jax.A
                         plan, phase, rope_offset=1)
     cache = cache.replace(c_kv=layer.c_kv[None], k_pe=layer.k_pe[None])
     return rms_norm(x, params.mtp.norm, cfg.rms_norm_eps), cache
+
+
+def verify_step(params: Params, cache: Cache, mtp: Cache, pending, draft, q_logits, n_out, keys_at, temperature,
+                top_k, top_p, cfg: Config, plan: ExecutionPlan):
+    """One self-speculative step for every row, the one both `generate(..., speculative=True)` and the engine run:
+    [pending token, draft] through the main model at positions n, n + 1 (the cache holds n tokens); the draft
+    verified against the logits at n (`accept_rows`: accepted, or replaced by a token of the target's
+    distribution); a second token sampled from the logits at n + 1 (kept only when the draft was accepted); the MTP
+    layer on both new entries, (h_n, first token) and (h_n+1, second token), drafting the next token from the
+    last accepted one.
+
+    pending, draft, n_out (tokens emitted so far): [B]; q_logits: [B, V] the draft's logits; keys_at(step) -> [B]
+    keys of each row's output position `step`; temperature, top_k, top_p: [B]. The cache lengths are the
+    caller's to advance (by 1 + accepted where a row goes on). Returns (logits [B, 2, V], accepted [B], first
+    token [B], second token [B], the next draft [B] and its logits [B, V], the cache, the MTP cache)."""
+    pos = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B, 2]
+    hidden, cache, _ = forward(params, cache, jnp.stack([pending, draft], 1), pos, None, cfg, plan, "decode")
+    logits = lm_logits(params, hidden, cfg)  # [B, 2, V]
+    ok, tok1 = accept_rows(logits[:, 0], q_logits, draft, keys_at(n_out), temperature, top_k, top_p)
+    tok2 = sample_rows(logits[:, 1], keys_at(n_out + 1), temperature, top_k, top_p)
+    g, mtp = mtp_step(params, mtp, hidden, jnp.stack([tok1, tok2], 1), pos, cfg, plan, "decode")
+    q_new = lm_logits(params, jnp.take_along_axis(g, ok.astype(jnp.int32)[:, None, None], axis=1)[:, 0], cfg)
+    nxt = sample_rows(q_new, stream_keys(keys_at(n_out + 1 + ok), 1), temperature, top_k, top_p)
+    return logits, ok, tok1, tok2, nxt, q_new, cache, mtp
 
 
 def mtp_logits(params: Params, hidden, next_tokens, cfg: Config, plan: ExecutionPlan = ExecutionPlan()):

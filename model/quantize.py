@@ -72,21 +72,13 @@ def _leaves_of(tree, infos):
 
 
 def quantize_params(params: Params, cfg: Config, recipe: str | Recipe, calib: Calibration | None = None) -> Params:
-    """The parameter tree with the recipe's linears replaced by QArrays (everything else untouched).
+    """The parameter tree with the recipe's linears replaced by QArrays (everything else untouched: the same
+    arrays, not copies).
 
     calib: from `calibrate`, for static per-tensor activation scales (NVFP4 W4A4 needs them; without them the
     per-tensor activation scale is computed at run time from each activation's own amax)."""
-    r = get_recipe(recipe)
-    if not r.quantizes:
-        return params
-    return _quantize_params(params, calib.inputs if calib is not None else {}, cfg=cfg, recipe=r)
-
-
-# The whole tree in one compiled program: weight by weight, every distinct weight compiles its own quantizer
-# (seconds per recipe on CPU for the same values).
-@partial(jax.jit, static_argnames=("cfg", "recipe"))
-def _quantize_params(params, inputs, cfg, recipe):
-    return quantize_tree(params, param_infos(cfg, with_mtp=params.mtp is not None), recipe, inputs)
+    return quantize_tree(params, param_infos(cfg, with_mtp=params.mtp is not None), recipe,
+                         calib.inputs if calib is not None else {})
 
 
 def quantize_tree(tree, infos, recipe: str | Recipe, inputs: dict | None = None):
@@ -99,35 +91,54 @@ def quantize_tree(tree, infos, recipe: str | Recipe, inputs: dict | None = None)
     leaves, treedef = _leaves_of(tree, infos)
     by_path = {path: x for path, _, x in leaves}
     inputs = inputs or {}
-    out = []
-    for path, info, x in leaves:
+    out = [x for _, _, x in leaves]
+    todo, operands, jobs = [], [], []
+    for i, (path, info, x) in enumerate(leaves):
         name = _name(path)
         rule = r.rule(info.group, name) if info.group in GROUPS else None
         if rule is None or info.reduction is None or _already(x, rule, r):
-            out.append(x)  # a weight loaded quantized (the FP8 release) keeps its own codes unless a rule differs
-            continue
-        x = _plain(x)
-        amax = None
-        if rule.fmt == "nvfp4" and name in SHARES_AMAX:
-            amax = jnp.maximum(_amax(x, info.batch_ndim), _amax(_plain(by_path[_sibling(path, SHARES_AMAX[name])]),
-                                                                info.batch_ndim))
-        scale = inputs.get(_sibling(path, SHARES_INPUT.get(name, name)))
-        try:
-            out.append(_quantize_one(x, amax, scale, recipe=r, group=info.group, name=name, k_axis=info.k_axis,
-                                     batch_ndim=info.batch_ndim, k_ndim=info.k_ndim))
-        except ValueError as e:  # a shape the format cannot block: say which parameter
-            raise ValueError(f"recipe {r.name!r} cannot quantize {path} {tuple(info.shape)} "
-                             f"[{', '.join(map(str, info.logical_axes))}]: {e}") from None
+            continue  # a weight loaded quantized (the FP8 release) keeps its own codes unless a rule differs
+        shares = rule.fmt == "nvfp4" and name in SHARES_AMAX
+        todo.append(i)
+        operands.append((x, by_path[_sibling(path, SHARES_AMAX[name])] if shares else None,
+                         inputs.get(_sibling(path, SHARES_INPUT.get(name, name)))))
+        jobs.append(_Job(path, tuple(info.shape), tuple(info.logical_axes), info.group, name, info.k_axis,
+                         info.batch_ndim, info.k_ndim))
+    for i, q in zip(todo, _quantize_leaves(operands, jobs=tuple(jobs), recipe=r)):
+        out[i] = q
     return treedef.unflatten(out)
 
 
-# One compiled program per weight shape: op by op, the quantizer's few dozen operations would each compile for
-# every shape (seconds per model on CPU, the same values).
-@partial(jax.jit, static_argnames=("recipe", "group", "name", "k_axis", "batch_ndim", "k_ndim"))
-def _quantize_one(x, amax, input_scale, *, recipe: Recipe, group: str, name: str, k_axis: int, batch_ndim: int,
-                  k_ndim: int):
-    return recipe.quantize(x, group, name, k_axis=k_axis, batch_ndim=batch_ndim, amax=amax, input_scale=input_scale,
-                           k_ndim=k_ndim)
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What quantizing one weight needs to know statically (and to name it in an error)."""
+    path: str
+    shape: tuple
+    axes: tuple
+    group: str
+    name: str
+    k_axis: int
+    batch_ndim: int
+    k_ndim: int
+
+
+# The quantized weights of a tree in one compiled program: weight by weight, each would compile its own
+# quantizer (seconds per recipe on CPU, for the same values). The weights a recipe leaves alone never enter it.
+@partial(jax.jit, static_argnames=("jobs", "recipe"))
+def _quantize_leaves(operands, jobs: tuple[_Job, ...], recipe: Recipe):
+    out = []
+    for (x, sibling, input_scale), job in zip(operands, jobs):
+        x = _plain(x)
+        amax = None
+        if sibling is not None:  # gate and up share one amax
+            amax = jnp.maximum(_amax(x, job.batch_ndim), _amax(_plain(sibling), job.batch_ndim))
+        try:
+            out.append(recipe.quantize(x, job.group, job.name, k_axis=job.k_axis, batch_ndim=job.batch_ndim,
+                                       amax=amax, input_scale=input_scale, k_ndim=job.k_ndim))
+        except ValueError as e:  # a shape the format cannot block: say which parameter
+            raise ValueError(f"recipe {recipe.name!r} cannot quantize {job.path} {job.shape} "
+                             f"[{', '.join(map(str, job.axes))}]: {e}") from None
+    return out
 
 
 def with_compute_dtype(params: Params, cfg: Config, dtype: str) -> tuple[Params, Config]:

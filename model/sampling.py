@@ -143,15 +143,19 @@ def accept_rows(target_logits, draft_logits, draft, keys, temperature, top_k, to
     """`accept_draft` with each row's own parameters ([B]; temperature 0: greedy verification) and its step key
     (`row_keys`; streams 2 and 3 are drawn from it)."""
     tok = greedy(target_logits)
-    p = jax.nn.softmax(filtered_rows(target_logits, temperature, top_k, top_p), axis=-1)
-    q = jax.nn.softmax(filtered_rows(draft_logits, temperature, top_k, top_p), axis=-1)
-    pick = draft[:, None].astype(jnp.int32)
-    p_d, q_d = (jnp.take_along_axis(x, pick, axis=-1)[:, 0] for x in (p, q))
-    u = jax.vmap(jax.random.uniform)(stream_keys(keys, 2))
-    accepted = u * q_d < p_d  # u < p(d) / q(d), without dividing by a q(d) that rounds to 0
-    residual = jnp.maximum(p - q, 0.0)
-    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q: never rejected
-    other = jax.vmap(jax.random.categorical)(stream_keys(keys, 3), jnp.log(residual))
-    sampled = temperature > 0
-    return (jnp.where(sampled, accepted, tok == draft),
-            jnp.where(sampled, jnp.where(accepted, draft, other).astype(jnp.int32), tok))
+
+    def mixed():
+        p = jax.nn.softmax(filtered_rows(target_logits, temperature, top_k, top_p), axis=-1)
+        q = jax.nn.softmax(filtered_rows(draft_logits, temperature, top_k, top_p), axis=-1)
+        pick = draft[:, None].astype(jnp.int32)
+        p_d, q_d = (jnp.take_along_axis(x, pick, axis=-1)[:, 0] for x in (p, q))
+        u = jax.vmap(jax.random.uniform)(stream_keys(keys, 2))
+        accepted = u * q_d < p_d  # u < p(d) / q(d), without dividing by a q(d) that rounds to 0
+        residual = jnp.maximum(p - q, 0.0)
+        residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q: never rejected
+        other = jax.vmap(jax.random.categorical)(stream_keys(keys, 3), jnp.log(residual))
+        sampled = temperature > 0
+        return (jnp.where(sampled, accepted, tok == draft),
+                jnp.where(sampled, jnp.where(accepted, draft, other).astype(jnp.int32), tok))
+    # an all-greedy batch skips the filters' sorts, as `sample_rows` does
+    return jax.lax.cond(jnp.any(temperature > 0), mixed, lambda: (tok == draft, tok))
