@@ -1,10 +1,10 @@
 """EleutherAI's lm-evaluation-harness on this model: its three request kinds over a checkpoint at any precision
 recipe, on a mesh.
 
-    python scripts/lm_eval.py --model r1jax --tasks gsm8k --batch_size 16 \\
-        --model_args checkpoint=/data/DeepSeek-R1 recipe=r1_fp4 mesh=expert=8
+    python scripts/harness.py --tasks gsm8k --checkpoint /data/DeepSeek-R1 --recipe r1_fp4 --mesh expert=8
 
-(a mesh of several axes in JSON: --model_args '{"checkpoint": "...", "mesh": "data=2,expert=4"}').
+or, from lm-eval's own API, the registered model "r1jax" (`lm_class()`) with model_args
+{"checkpoint": ..., "recipe": "r1_fp4", "mesh": "data=2,expert=4"}.
 
 `HarnessModel` answers the requests of the harness's `LM` interface and needs nothing of the harness:
 - loglikelihood((context, continuation)): log p(continuation | <bos> context) and whether greedy decoding would
