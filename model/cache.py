@@ -2,7 +2,8 @@
 
 Layout: c_kv [L, B, S, C], k_pe [L, B, S, R], lengths [B] (tokens already written per sequence). For the 671B
 that is 61 x (512 + 64) values per token: 70,272 bytes in bf16, against ~5 MB for a full multi-head K/V cache.
-The layer scan hands each layer its slice as a `Cache` of the same class: c_kv [B, S, C], k_pe [B, S, R],
+The layer scan carries the whole cache; each layer writes its new entries into these buffers in place and its
+attention reads its slice (`layer_view`), a `Cache` of the same class: c_kv [B, S, C], k_pe [B, S, R],
 kv_scale [2].
 
 An FP8 cache holds E4M3 codes of value / scale, two per 16-bit word (quant.formats.pack_bytes: c_kv [..., C/2]
@@ -75,6 +76,15 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, kv_scale=No
             raise ValueError(f"kv_scale must be [layers, 2] = {(cfg.num_hidden_layers, 2)}, got {scale.shape}")
         cache = cache.replace(kv_scale=scale)
     return cache
+
+
+def layer_view(cache: Cache, layer) -> Cache:
+    """Layer `layer` (an int or a traced index) of a stack's cache, as the attention reads it: c_kv [B, S, C],
+    k_pe [B, S, R], kv_scale [2]."""
+    def take(a):
+        return jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+    return Cache(c_kv=take(cache.c_kv), k_pe=take(cache.k_pe), lengths=cache.lengths,
+                 kv_scale=None if cache.kv_scale is None else take(cache.kv_scale))
 
 
 def kv_store(x: jax.Array, kv_scale, which: int) -> jax.Array:

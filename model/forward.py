@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.cache import Cache, kv_store
+from model.cache import Cache, kv_store, layer_view
 from model.config import Config
 from model.layers import F32, rms_norm, swiglu
 from model.mla import attend_absorbed, attend_naive, causal_mask, project, write_cache
@@ -24,15 +24,17 @@ from model.plan import ExecutionPlan
 
 
 def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, plan: ExecutionPlan, phase: str,
-          rope_offset: int = 0, routing: bool = False):
-    """One decoder layer. x: [B, T, D]; cache: this layer's slice (c_kv [B, S, C], k_pe [B, S, R], kv_scale [2]
-    when FP8) or None (training: nothing written); positions: [B, T]; segments: [B, T] document ids of packed
-    training rows (a token attends only to earlier tokens of its own document) or None.
+          rope_offset: int = 0, routing: bool = False, layer=0):
+    """One decoder layer. x: [B, T, D]; cache: the whole stack's cache (c_kv [L, B, S, C], k_pe [L, B, S, R],
+    kv_scale [L, 2] when FP8) of which this is layer `layer` (an int or a traced index), or None (training:
+    nothing written); positions: [B, T]; segments: [B, T] document ids of packed training rows (a token attends
+    only to earlier tokens of its own document) or None.
 
-    prefill / train: the new latents are written at offset 0 and attention runs in the naive form among the T
-    tokens; decode: they are written at each sequence's position and attention runs in the absorbed form against
-    the cache. Returns (x, cache, stats): stats = (load [E], balance term) of a MoE layer in the train phase, its
-    `Routed` with routing=True (model/routing.py), else None.
+    The new latents are written into the stack's buffers in place (a scatter at this layer, each sequence's
+    position), so a step moves the T new entries, not the cache. prefill / train: written at offset 0, attention
+    runs in the naive form among the T tokens; decode: written at each sequence's position, attention runs in the
+    absorbed form against this layer's slice. Returns (x, cache, stats): stats = (load [E], balance term) of a MoE
+    layer in the train phase, its `Routed` with routing=True (model/routing.py), else None.
     rope_offset: RoPE rotates at positions + rope_offset, the cache slots stay `positions` (the MTP layer runs one
     position ahead of the slot it writes, model/mtp.py).
     """
@@ -40,10 +42,11 @@ def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, pl
     q_nope, q_pe, c_kv, k_pe = project(p.attn, h, positions + rope_offset, cfg)
     if cache is not None:
         start = positions[:, 0] if phase == "decode" else jnp.zeros_like(positions[:, 0])
-        cache = cache.replace(c_kv=write_cache(cache.c_kv, kv_store(c_kv, cache.kv_scale, 0), start),
-                              k_pe=write_cache(cache.k_pe, kv_store(k_pe, cache.kv_scale, 1), start))
+        scale = None if cache.kv_scale is None else cache.kv_scale[layer]
+        cache = cache.replace(c_kv=write_cache(cache.c_kv, kv_store(c_kv, scale, 0), layer, start),
+                              k_pe=write_cache(cache.k_pe, kv_store(k_pe, scale, 1), layer, start))
     if phase == "decode":
-        a = attend_absorbed(p.attn, q_nope, q_pe, cache, positions, cfg, plan)
+        a = attend_absorbed(p.attn, q_nope, q_pe, layer_view(cache, layer), positions, cfg, plan)
     else:
         mask = causal_mask(x.shape[1])
         if segments is not None:
@@ -56,26 +59,28 @@ def block(p: Layer, x, cache: Cache | None, positions, segments, cfg: Config, pl
     return x + f, cache, stats
 
 
-def _run_stack(stack: Layer, x, kv, lengths, positions, segments, cfg, plan, phase, routing):
-    """lax.scan over a stack of layers; kv: the stack's cache buffers (c_kv [L', B, S, C], k_pe, kv_scale [L', 2]
-    or None) or None. MoE expert stacks are not scanned but closed over whole and indexed by layer (model/moe.py,
-    ExpertView), so a step reads only the experts it routes to. Returns (x, new (c_kv, k_pe) or None, stats)."""
+def _run_stack(stack: Layer, x, cache, first: int, positions, segments, cfg, plan, phase, routing):
+    """lax.scan over a stack of layers, the model's layers first, first + 1, ...; cache: the whole model's (its
+    buffers carried through the scan and written in place) or None. MoE expert stacks are not scanned but closed
+    over whole and indexed by layer (model/moe.py, ExpertView), so a step reads only the experts it routes to.
+    Returns (x, the cache, stats)."""
     experts = None
     if isinstance(stack.ffn, Moe):
         experts = (stack.ffn.we1, stack.ffn.we3, stack.ffn.we2)
         stack = stack.replace(ffn=stack.ffn.replace(we1=None, we3=None, we2=None))
 
-    def step(x, xs):
-        layer, idx, kv = xs
+    def step(carry, xs):
+        x, cache = carry
+        layer, idx = xs
         if experts is not None:
             layer = layer.replace(ffn=layer.ffn.replace(we1=experts[0], we3=experts[1], we2=experts[2], layer=idx))
-        cache = None if kv is None else Cache(c_kv=kv[0], k_pe=kv[1], lengths=lengths, kv_scale=kv[2])
-        x, cache, stats = block(layer, x, cache, positions, segments, cfg, plan, phase, routing=routing)
-        return x, (None if cache is None else (cache.c_kv, cache.k_pe), stats)
+        x, cache, stats = block(layer, x, cache, positions, segments, cfg, plan, phase, routing=routing,
+                                layer=first + idx)
+        return (x, cache), stats
 
     n = stack.attn_norm.shape[0]
-    x, (kv, stats) = jax.lax.scan(step, x, (stack, jnp.arange(n), kv))
-    return x, kv, stats
+    (x, cache), stats = jax.lax.scan(step, (x, cache), (stack, jnp.arange(n)))
+    return x, cache, stats
 
 
 def forward(params: Params, cache: Cache | None, tokens, positions, segments, cfg: Config, plan: ExecutionPlan,
@@ -87,17 +92,12 @@ def forward(params: Params, cache: Cache | None, tokens, positions, segments, cf
     x = params.embed[tokens]  # [B, T, D]
     n_dense = cfg.first_k_dense_replace
     stats = None
-    for stack, lo, hi in ((params.dense_layers, 0, n_dense), (params.moe_layers, n_dense, cfg.num_hidden_layers)):
+    for stack, first in ((params.dense_layers, 0), (params.moe_layers, n_dense)):
         if stack is None:
             continue
-        kv = None if cache is None else (cache.c_kv[lo:hi], cache.k_pe[lo:hi],
-                                         None if cache.kv_scale is None else cache.kv_scale[lo:hi])
-        with jax.named_scope("dense_layers" if lo == 0 else "moe_layers"):
-            x, kv, st = _run_stack(stack, x, kv, None if cache is None else cache.lengths, positions, segments,
-                                   cfg, plan, phase, routing)
+        with jax.named_scope("dense_layers" if first == 0 else "moe_layers"):
+            x, cache, st = _run_stack(stack, x, cache, first, positions, segments, cfg, plan, phase, routing)
         stats = st if st is not None else stats
-        if cache is not None:  # written back into the full buffers (in place when the cache is donated)
-            cache = cache.replace(c_kv=cache.c_kv.at[lo:hi].set(kv[0]), k_pe=cache.k_pe.at[lo:hi].set(kv[1]))
     return rms_norm(x, params.norm, cfg.rms_norm_eps), cache, stats
 
 

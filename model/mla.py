@@ -81,6 +81,16 @@ def attend_naive(p: Attention, q_nope, q_pe, c_kv, k_pe, mask: jax.Array, cfg: C
         return qdot(o, p.wo, "BTNV,NVD->BTD")
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+    """[B, T, N, K] -> [N, B*T, K]."""
+    return jnp.swapaxes(x.reshape(-1, *x.shape[2:]), 0, 1)
+
+
+def _heads_last(x: jax.Array, b: int) -> jax.Array:
+    """[N, B*T, K] -> [B, T, N, K]."""
+    return jnp.swapaxes(x, 0, 1).reshape(b, -1, *x.shape[::2])
+
+
 def attend_absorbed(p: Attention, q_nope, q_pe, cache, positions, cfg: Config, plan) -> jax.Array:
     """Weight-absorbed attention against the latent cache, after this step's latents were written into it.
 
@@ -91,29 +101,33 @@ def attend_absorbed(p: Attention, q_nope, q_pe, cache, positions, cfg: Config, p
     cache, FP8 caches converted in the kernel.
     """
     with jax.named_scope("attend_absorbed"):
+        # the per-head products run with the heads leading on both operands, rows M = B*T: written with the
+        # heads between the rows, XLA:CPU ran them as a slow loop of small products once T > 1 or B > 1.
         # wk_b is contracted over H here, not its reduction axis C: no activation quantization for this product
-        q_lat = jnp.einsum("BTNH,NHC->BTNC", q_nope, weight(p.wk_b, q_nope.dtype),
-                           preferred_element_type=F32).astype(q_nope.dtype)  # [B, T, N, C]
+        bsz, t, n, _ = q_nope.shape
+        q_lat = jnp.einsum("NMH,NHC->NMC", _heads_first(q_nope), weight(p.wk_b, q_nope.dtype),
+                           preferred_element_type=F32).astype(q_nope.dtype)
+        q_lat = _heads_last(q_lat, bsz)  # [B, T, N, C]
         scale = cfg.softmax_scale
         if plan.attention == "pallas":
-            b, n = plan.axes("batch") or None, plan.axes("heads") or None
+            bs, hs = plan.axes("batch") or None, plan.axes("heads") or None
             fn = _per_shard(lambda *a: decode_attention(*a, scale, cache.kv_scale), plan,
-                            (P(b, n, None), P(b, n, None), P(b, None, None), P(b, None, None), P(b)), P(b, n, None))
+                            (P(bs, hs, None), P(bs, hs, None), P(bs, None, None), P(bs, None, None), P(bs)),
+                            P(bs, hs, None))
             o_lat = fn(q_lat[:, 0], q_pe[:, 0], cache.c_kv, cache.k_pe, positions[:, 0] + 1)
-            o = qdot(o_lat[:, None].astype(q_nope.dtype), p.wv_b, "BTNC,NCV->BTNV")
+            o = _heads_last(qdot(_heads_first(o_lat[:, None].astype(q_nope.dtype)), p.wv_b, "NMC,NCV->NMV"), bsz)
             return qdot(o, p.wo, "BTNV,NVD->BTD")
         dt = q_nope.dtype
         cache_c, cache_r = kv_load(cache.c_kv, cache.kv_scale, 0, dt), kv_load(cache.k_pe, cache.kv_scale, 1, dt)
         scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, cache_c, preferred_element_type=F32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, cache_r, preferred_element_type=F32)) * scale
         probs = _softmax(scores, cache_mask(positions, cache_c.shape[1])[:, None])  # [B, N, T, S]
-        # values [B, S, C] x probs -> [B, T, N, C] with the cache as the dot's left operand in its stored layout:
-        # contracting its S axis from the right made XLA:CPU copy the cache transposed every layer and step
-        bsz, n, t, _ = probs.shape
-        pr = jnp.moveaxis(probs, 3, 1).reshape(bsz, -1, n * t).astype(dt)  # [B, S, N*T]
-        o_lat = jax.lax.dot_general(cache_c, pr, (((1,), (1,)), ((0,), (0,))), preferred_element_type=F32)
-        o_lat = jnp.moveaxis(o_lat.reshape(bsz, -1, n, t), 1, 3).swapaxes(1, 2).astype(dt)  # [B, T, N, C]
-        o = qdot(o_lat, p.wv_b, "BTNC,NCV->BTNV")  # [B, T, N, V]
+        # probs [B, N*T, S] x values [B, S, C]: a plain batched matrix product over the cache in its stored layout
+        # (contracting S on the cache's left made XLA:CPU run a transposed-operand product 6-10x slower)
+        o_lat = jnp.einsum("BQS,BSC->BQC", probs.reshape(bsz, n * t, -1).astype(dt), cache_c,
+                           preferred_element_type=F32)
+        o_lat = o_lat.reshape(bsz, n, t, -1).swapaxes(1, 2).astype(dt)  # [B, T, N, C]
+        o = _heads_last(qdot(_heads_first(o_lat), p.wv_b, "NMC,NCV->NMV"), bsz)  # [B, T, N, V]
         return qdot(o, p.wo, "BTNV,NVD->BTD")
 
 
@@ -127,8 +141,11 @@ def cache_mask(positions: jax.Array, s: int) -> jax.Array:
     return jnp.arange(s)[None, None, :] <= positions[:, :, None]
 
 
-def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new [B, T, K] into cache [B, S, K] at per-sequence offsets start [B]."""
-    def one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0))
-    return jax.vmap(one)(cache, new, start)
+def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
+    """Write new [B, T, K] into layer `layer` of cache [L, B, S, K] at per-sequence offsets start [B]: a scatter
+    of the B x T entries into the buffer, which XLA does in place (a donated or loop-carried buffer is never
+    copied). Entries past the cache's end are dropped (callers check the room first)."""
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")

@@ -158,9 +158,10 @@ def grouped_swiglu(x: jax.Array, view: ExpertView, group_sizes: jax.Array, tile_
 
 
 def _tile_rows(rows: int, n_exp: int, tokens: int) -> int:
-    """Row tile: about the mean group size, a power of two in [8, 128]; 1 for a single token, whose experts each
-    get one row (a one-row dot is a matrix-vector product, which XLA:CPU streams faster than an 8-row one)."""
-    if tokens == 1:
+    """Row tile: 1 for a single token, or when there are at most half as many rows as experts (a verify step of
+    two tokens): each expert gets about one row, and a one-row dot is a matrix-vector product, which XLA:CPU
+    streams faster than a padded 8-row one. Else about the mean group size, a power of two in [8, 128]."""
+    if tokens == 1 or 2 * rows <= n_exp:
         return 1
     mean = max(rows // n_exp, 1)
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))

@@ -52,10 +52,8 @@ def mtp_step(params: Params, cache: Cache, hidden: jax.Array, next_tokens: jax.A
     slot 0 and attends among the T entries, "decode" writes at `positions` and attends over the cache.
 
     Returns (normed hidden [B, T, D], the new cache)."""
-    layer = Cache(c_kv=cache.c_kv[0], k_pe=cache.k_pe[0], lengths=cache.lengths)
-    x, layer, _ = block(params.mtp.layer, _mtp_input(params, hidden, next_tokens, cfg), layer, positions, None, cfg,
+    x, cache, _ = block(params.mtp.layer, _mtp_input(params, hidden, next_tokens, cfg), cache, positions, None, cfg,
                         plan, phase, rope_offset=1)
-    cache = cache.replace(c_kv=layer.c_kv[None], k_pe=layer.k_pe[None])
     return rms_norm(x, params.mtp.norm, cfg.rms_norm_eps), cache
 
 

@@ -138,8 +138,8 @@ def layer_rows(dry: bool, meters, repeats: int = 5):
                     x = jax.random.normal(k, (bb, t, cfg.hidden_size), jnp.float32).astype(dt)
                     pos = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bb, t)) if prefill
                            else jnp.full((bb, 1), context - 1, jnp.int32))
-                    cc = jax.random.normal(k, (bb, context, c), jnp.float32).astype(dt)
-                    cr = jax.random.normal(k, (bb, context, r), jnp.float32).astype(dt)
+                    cc = jax.random.normal(k, (1, bb, context, c), jnp.float32).astype(dt)  # a one-layer stack
+                    cr = jax.random.normal(k, (1, bb, context, r), jnp.float32).astype(dt)
                     secs = _time_step(pre if prefill else dec, layer, x, pos, cc, cr, repeats)
                     nbytes, flops = layer_floor(cfg, layer, bb, context, meters, prefill)
                     floor = kb.floor_seconds(nbytes, flops, *meters)
