@@ -8,10 +8,10 @@ slots as they come, prefilled in chunks while the others decode, and freed when 
     r.tokens, r.finish_reason, r.ttft_s
 
 Each `step()`: free slots take waiting requests (first come, first served); one chunk of `chunk` prompt tokens of
-the oldest prefilling request runs through the model into its slot (the cache-reading form of attention, at the
-chunk's positions, `forward` in the decode phase); then every decoding slot advances by one token in one batched
-decode step, each sampling with its own parameters and keys. The host reads the new tokens each step (for stop
-tokens, limits and callbacks).
+each of the oldest prefilling requests (as many as `prefill_tokens` allows) runs through the model into their
+slots in one call (the cache-reading form of attention, at the chunks' positions, `forward` in the decode phase);
+then every decoding slot advances by one token in one batched decode step, each sampling with its own parameters
+and keys. The host reads the new tokens each step (for stop tokens, limits and callbacks).
 
 With mtp=True each decode step is a verify step, as `generate(..., speculative=True)` runs it: every slot feeds its
 pending token and its MTP draft through the main model, keeps one token or two, and the MTP layer (with its own
@@ -84,27 +84,36 @@ class Request:
         return (self.t_done - self.t_first) / (len(self.tokens) - 1)
 
 
-def _slot_view(cache, slot):
-    def row(a):
-        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1)
-    return cache.replace(c_kv=row(cache.c_kv), k_pe=row(cache.k_pe), lengths=cache.lengths[slot][None])
+def _slot_view(cache, slots):
+    """The cache rows of `slots` [K] (a slot may repeat: a padding row)."""
+    def rows(a):
+        return jnp.take(a, slots, axis=1)
+    return cache.replace(c_kv=rows(cache.c_kv), k_pe=rows(cache.k_pe), lengths=cache.lengths[slots])
 
 
-def _slot_write(cache, one, slot):
+def _slot_write(cache, part, slots):
+    """`part`'s rows written back into the cache rows of `slots` (a repeated slot carries the same row)."""
     def put(a, b):
-        return jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=1)
-    return cache.replace(c_kv=put(cache.c_kv, one.c_kv), k_pe=put(cache.k_pe, one.k_pe))
+        return a.at[:, slots].set(b)
+    return cache.replace(c_kv=put(cache.c_kv, part.c_kv), k_pe=put(cache.k_pe, part.k_pe))
+
+
+def _chunk_positions(tokens, start):
+    return start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # [K, C]
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
-def _prefill_chunk(params, cache, slot, tokens, start, last, cfg, plan):
-    """tokens [C] of one request at positions start.. into row `slot` of the cache; logits [V] at index `last` of
-    the chunk (the prompt's last token when this is its last chunk)."""
-    pos = (start + jnp.arange(tokens.shape[0], dtype=jnp.int32))[None]
-    hidden, one, _ = forward(params, _slot_view(cache, slot), tokens[None], pos, None, cfg, plan, "decode")
-    logits = lm_logits(params, hidden[0, last], cfg)
-    cache = _slot_write(cache, one, slot).replace(lengths=cache.lengths.at[slot].set(start + last + 1))
-    return logits, cache
+def _prefill_chunk(params, cache, slots, tokens, start, last, temperature, top_k, top_p, seeds, request_ids, cfg,
+                   plan):
+    """One chunk of each of K requests: tokens [K, C] at positions start [K].. into the cache rows `slots` [K];
+    each row's next token is sampled from the logits at index last [K] of its chunk (used when that is the
+    prompt's last token). Returns (token [K], finite [K], the cache)."""
+    hidden, part, _ = forward(params, _slot_view(cache, slots), tokens, _chunk_positions(tokens, start), None, cfg,
+                              plan, "decode")
+    logits = lm_logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0], cfg)  # [K, V]
+    tok, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros_like(last))
+    cache = _slot_write(cache, part, slots).replace(lengths=cache.lengths.at[slots].set(start + last + 1))
+    return tok, finite, cache
 
 
 @jax.jit
@@ -126,25 +135,26 @@ def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
-def _prefill_chunk_mtp(params, cache, mtp, draft, q, slot, tokens, nxt, start, last, final, temperature, top_k,
+def _prefill_chunk_mtp(params, cache, mtp, draft, q, slots, tokens, nxt, start, last, final, temperature, top_k,
                        top_p, seeds, request_ids, cfg, plan):
     """`_prefill_chunk` with the MTP layer's own cache filled too: its entry for each chunk position i comes from
-    (h_i, the prompt's token i + 1), the next token given by the host; on the last chunk the last entry takes the
-    first generated token, sampled here, and drafts the token after it. Returns (first token [1], finite [1],
-    the caches, the slots' drafts [B] and draft logits [B, V])."""
-    pos = (start + jnp.arange(tokens.shape[0], dtype=jnp.int32))[None]
-    hidden, one, _ = forward(params, _slot_view(cache, slot), tokens[None], pos, None, cfg, plan, "decode")
-    logits = lm_logits(params, hidden[:, last], cfg)  # [1, V]
-    first, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros(1, jnp.int32))
-    nxt = jnp.where(final & (jnp.arange(nxt.shape[0]) == last), first[0], nxt)
-    g, m_one = mtp_step(params, _slot_view(mtp, slot), hidden, nxt[None], pos, cfg, plan, "decode")
-    q_new = lm_logits(params, g[:, last], cfg)  # [1, V]
-    d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, jnp.ones(1, jnp.int32)), 1), temperature,
+    (h_i, the prompt's token i + 1), the next tokens nxt [K, C] given by the host; on a request's last chunk
+    (final [K]) the last entry takes the first generated token, sampled here, and drafts the token after it.
+    Returns (first token [K], finite [K], the caches, the slots' drafts [B] and draft logits [B, V])."""
+    pos = _chunk_positions(tokens, start)
+    hidden, part, _ = forward(params, _slot_view(cache, slots), tokens, pos, None, cfg, plan, "decode")
+    at_last = last[:, None, None]
+    logits = lm_logits(params, jnp.take_along_axis(hidden, at_last, axis=1)[:, 0], cfg)  # [K, V]
+    first, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros_like(last))
+    nxt = jnp.where(final[:, None] & (jnp.arange(nxt.shape[1]) == last[:, None]), first[:, None], nxt)
+    g, m_part = mtp_step(params, _slot_view(mtp, slots), hidden, nxt, pos, cfg, plan, "decode")
+    q_new = lm_logits(params, jnp.take_along_axis(g, at_last, axis=1)[:, 0], cfg)  # [K, V]
+    d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, jnp.ones_like(last)), 1), temperature,
                     top_k, top_p)
-    draft = draft.at[slot].set(jnp.where(final, d[0], draft[slot]))
-    q = q.at[slot].set(jnp.where(final, q_new[0], q[slot]))
-    cache = _slot_write(cache, one, slot).replace(lengths=cache.lengths.at[slot].set(start + last + 1))
-    return first, finite, cache, _slot_write(mtp, m_one, slot), draft, q
+    draft = draft.at[slots].set(jnp.where(final, d, draft[slots]))
+    q = q.at[slots].set(jnp.where(final[:, None], q_new, q[slots]))
+    cache = _slot_write(cache, part, slots).replace(lengths=cache.lengths.at[slots].set(start + last + 1))
+    return first, finite, cache, _slot_write(mtp, m_part, slots), draft, q
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
@@ -164,19 +174,25 @@ def _verify_slots(params, cache, mtp, draft, q, host, temperature, top_k, top_p,
     return jnp.stack([tok1, tok2, ok.astype(jnp.int32), finite.astype(jnp.int32)]), cache, mtp, draft, q
 
 
+def _commit(tree):
+    return jax.device_put(tree, jax.devices()[0])
+
+
 class Engine:
     """See the module docstring. slots: decode slots (the batch of every decode step); max_len: cache positions
     per slot (a multiple of `chunk`), the most prompt + new tokens a request may have; chunk: prompt tokens per
-    prefill call; plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an FP8 cache's
+    prefill call; prefill_tokens: prompt tokens one step may prefill (chunks of that many requests at once, at
+    least one); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an FP8 cache's
     scales, as for `generate`; mtp: draft with the MTP module and verify every step (module docstring)."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
-                 plan: ExecutionPlan | None = None, kv_scale=None, mtp: bool = False):
+                 prefill_tokens: int = 1024, plan: ExecutionPlan | None = None, kv_scale=None, mtp: bool = False):
         plan = ExecutionPlan.build(plan)
         if mtp and params.mtp is None:
             raise ValueError("mtp=True drafts with the MTP module: these parameters have none")
-        if slots < 1 or chunk < 1:
-            raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
+        if slots < 1 or chunk < 1 or prefill_tokens < 1:
+            raise ValueError(f"slots, chunk and prefill_tokens must be >= 1, got slots={slots}, chunk={chunk}, "
+                             f"prefill_tokens={prefill_tokens}")
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
@@ -188,14 +204,17 @@ class Engine:
             check_divisible(cfg, plan.mesh, plan.rules, batch=slots)
         self.params, self.cfg, self.plan, self.chunk = params, cfg, plan, chunk
         self.slots, self.max_len = slots, max_len
+        self.prefill_rows = min(slots, max(1, prefill_tokens // chunk))
         cache = init_cache(cfg, slots, max_len, kv_scale=kv_scale)
-        self.cache = shard_cache(cache, plan.mesh, plan.rules) if plan.mesh is not None else cache
+        # committed to its device(s) from the start: the step functions' outputs are, and a first call with an
+        # uncommitted cache would compile each program once more
+        self.cache = shard_cache(cache, plan.mesh, plan.rules) if plan.mesh is not None else _commit(cache)
         self.mtp = None
         if mtp:  # the MTP layer's own latent cache (model dtype), each slot's draft and its logits
             m = init_cache(cfg.replace(num_hidden_layers=1, first_k_dense_replace=0), slots, max_len)
-            self.mtp = shard_cache(m, plan.mesh, plan.rules) if plan.mesh is not None else m
-            self._draft = jnp.zeros(slots, jnp.int32)
-            self._q = jnp.zeros((slots, cfg.vocab_size), jnp.float32)
+            self.mtp = shard_cache(m, plan.mesh, plan.rules) if plan.mesh is not None else _commit(m)
+            self._draft = _commit(jnp.zeros(slots, jnp.int32))
+            self._q = _commit(jnp.zeros((slots, cfg.vocab_size), jnp.float32))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request | None] = [None] * slots
         self.finished: list[Request] = []
@@ -256,7 +275,7 @@ class Engine:
                 self._slot_params = None
         prefilling = [r for r in self.running if r is not None and r.prefilled < len(r.prompt)]
         if prefilling:
-            self._prefill(min(prefilling, key=lambda r: r.t_submit))
+            self._prefill(sorted(prefilling, key=lambda r: r.t_submit)[:self.prefill_rows])
         decoding = [r for r in self.running if r is not None and r.prefilled == len(r.prompt) and r.tokens]
         if decoding:
             self._decode(decoding)
@@ -266,48 +285,49 @@ class Engine:
     def _params(reqs):
         """The requests' sampling parameters as [B] arrays: temperature, top_k, top_p, seed, request id."""
         sp = [r.sampling for r in reqs]
-        return (jnp.asarray([s.temperature for s in sp], jnp.float32), jnp.asarray([s.top_k for s in sp], jnp.int32),
-                jnp.asarray([s.top_p for s in sp], jnp.float32), jnp.asarray([s.seed for s in sp], jnp.int32),
-                jnp.asarray([r.request_id for r in reqs], jnp.int32))
+        return (np.asarray([s.temperature for s in sp], np.float32), np.asarray([s.top_k for s in sp], np.int32),
+                np.asarray([s.top_p for s in sp], np.float32), np.asarray([s.seed for s in sp], np.int32),
+                np.asarray([r.request_id for r in reqs], np.int32))
 
-    def _prefill(self, r: Request) -> None:
-        start = r.prefilled
-        piece = r.prompt[start:start + self.chunk]
-        tokens = np.zeros(self.chunk, np.int32)
-        tokens[:len(piece)] = piece
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One chunk of each of `reqs` in one call, padded to a power of two of rows (the programs compiled stay
+        few) with copies of the first row, which write the same values into the same slot."""
+        k = 1 << (len(reqs) - 1).bit_length()
+        rows = reqs + [reqs[0]] * (k - len(reqs))
+        tokens, nxt = np.zeros((2, k, self.chunk), np.int32)
+        start, last, final, slots = (np.zeros(k, np.int32) for _ in range(4))
+        for i, r in enumerate(rows):
+            s = start[i] = r.prefilled
+            piece = r.prompt[s:s + self.chunk]
+            tokens[i, :len(piece)] = piece
+            after = r.prompt[s + 1:s + 1 + self.chunk]
+            nxt[i, :len(after)] = after
+            last[i], final[i], slots[i] = len(piece) - 1, s + len(piece) == len(r.prompt), r.slot
         if self.mtp is not None:
-            nxt = np.zeros(self.chunk, np.int32)
-            after = r.prompt[start + 1:start + 1 + self.chunk]
-            nxt[:len(after)] = after
-            final = start + len(piece) == len(r.prompt)
             tok, finite, self.cache, self.mtp, self._draft, self._q = _prefill_chunk_mtp(
-                self.params, self.cache, self.mtp, self._draft, self._q, jnp.int32(r.slot), jnp.asarray(tokens),
-                jnp.asarray(nxt), jnp.int32(start), jnp.int32(len(piece) - 1), jnp.bool_(final), *self._params([r]),
-                cfg=self.cfg, plan=self.plan)
-            r.prefilled += len(piece)
-            if final:
-                self._emit(r, int(tok[0]), bool(finite[0]))
-            return
-        logits, self.cache = _prefill_chunk(self.params, self.cache, jnp.int32(r.slot), jnp.asarray(tokens),
-                                            jnp.int32(start), jnp.int32(len(piece) - 1), cfg=self.cfg,
-                                            plan=self.plan)
-        r.prefilled += len(piece)
-        if r.prefilled == len(r.prompt):
-            tok, finite = _sample(logits[None], *self._params([r]), jnp.zeros(1, jnp.int32))
-            self._emit(r, int(tok[0]), bool(finite[0]))
+                self.params, self.cache, self.mtp, self._draft, self._q, slots, tokens, nxt, start, last,
+                final.astype(bool), *self._params(rows), cfg=self.cfg, plan=self.plan)
+        else:
+            tok, finite, self.cache = _prefill_chunk(self.params, self.cache, slots, tokens, start, last,
+                                                     *self._params(rows), cfg=self.cfg, plan=self.plan)
+        tok, finite = np.asarray(tok), np.asarray(finite)
+        for i, r in enumerate(reqs):
+            r.prefilled += int(last[i]) + 1
+            if final[i]:
+                self._emit(r, int(tok[i]), bool(finite[i]))
 
     def _decode(self, decoding: list[Request]) -> None:
         # every slot takes part (static shapes); the others carry a dummy token and keep their length
         rows = [r if r in decoding else None for r in self.running]
         if self._slot_params is None:  # a free slot samples with a stand-in's parameters, unused
-            self._slot_params = self._params([r or decoding[0] for r in self.running])
+            self._slot_params = jax.device_put(self._params([r or decoding[0] for r in self.running]))
         host = np.zeros((3, self.slots), np.int32)
         for i, r in enumerate(rows):
             if r is not None:
                 host[:, i] = r.tokens[-1], len(r.tokens), 1
         if self.mtp is not None:
             out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
-                self.params, self.cache, self.mtp, self._draft, self._q, jnp.asarray(host), *self._slot_params,
+                self.params, self.cache, self.mtp, self._draft, self._q, host, *self._slot_params,
                 cfg=self.cfg, plan=self.plan)
             for r, (t1, t2, ok, fin) in zip(rows, np.asarray(out).T):
                 if r is not None:
@@ -316,7 +336,7 @@ class Engine:
                     if ok and not r.done:
                         self._emit(r, int(t2), True)
             return
-        nxt, finite, self.cache = _decode_slots(self.params, self.cache, jnp.asarray(host), *self._slot_params,
+        nxt, finite, self.cache = _decode_slots(self.params, self.cache, host, *self._slot_params,
                                                 cfg=self.cfg, plan=self.plan)
         nxt, finite = np.asarray(nxt), np.asarray(finite)
         for r, t, ok in zip(rows, nxt, finite):

@@ -100,7 +100,8 @@ def main(argv=None):
     rows = []
     for c, mtp in ((c, m) for c in args.concurrency for m in ((False, True) if args.mtp else (False,))):
         engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp)
-        run_load(engine, items[:c], concurrency=c)  # compiles the prefill chunk and the decode step
+        for k in (1 << i for i in range(c.bit_length())):  # compiles the prefill of 1, 2, 4, .. requests at once
+            run_load(engine, items[:k], concurrency=k)       # and the decode step
         reqs, secs = run_load(engine, items, concurrency=None if args.rate else c, rate=args.rate)
         row = {"concurrency": c, "mtp": mtp, **metrics(reqs, secs)}
         if mtp:

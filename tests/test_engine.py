@@ -1,6 +1,7 @@
 """The continuous-batching engine (model/engine.py): under a load of staggered arrivals, mixed prompt lengths
-(several prefill chunks), mixed lengths and sampling, each request gets the tokens it gets alone; greedy ones the
-tokens of `generate`; bad requests are refused by name and the others run on untouched."""
+(several prefill chunks, of several requests in one call), mixed lengths and sampling, each request gets the tokens
+it gets alone; greedy ones the tokens of `generate`; bad requests are refused by name and the others run on
+untouched."""
 
 import numpy as np
 import pytest
@@ -23,12 +24,15 @@ def bundled():
 def _load(eos):
     """(prompt index, max_new_tokens, sampling, request id, the step it arrives at)."""
     return [(0, 20, SamplingParams(), 10, 0), (1, 12, SamplingParams(temperature=0.8, top_p=0.9, seed=3), 11, 0),
-            (2, 16, SamplingParams(temperature=1.0, top_k=20, seed=4), 12, 3), (3, 8, SamplingParams(), 13, 3),
+            (2, 16, SamplingParams(temperature=1.0, top_k=20, seed=4), 12, 3), (3, 8, SamplingParams(), 13, 0),
             (4, 18, SamplingParams(temperature=0.6, seed=5), 14, 9), (5, 10, SamplingParams(), 15, 20)]
 
 
 def _run(params, cfg, prompts, eos, load, log=None, mtp=False):
     engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp)
+    engine.prefill_batches = []  # how many requests each prefill call took (3 are padded to 4 rows)
+    prefill = engine._prefill
+    engine._prefill = lambda reqs: (engine.prefill_batches.append(len(reqs)), prefill(reqs))
     pending, reqs = sorted(load, key=lambda x: x[4]), {}
     while pending or not engine.idle:
         while pending and pending[0][4] <= engine.steps:
@@ -48,6 +52,7 @@ def test_each_request_gets_what_it_gets_alone(bundled, mtp):
     log = []
     together, engine = _run(params, cfg, prompts, eos, load, log, mtp)
     assert max(len(p) for p in prompts) > 4 * CHUNK // 2 and engine.steps > 20
+    assert {1, 3} <= set(engine.prefill_batches)  # chunks of three requests in one call (padded to 4 rows)
     if mtp:
         drafted, accepted = (sum(getattr(r, k) for r in together.values()) for k in ("drafted", "accepted"))
         assert 0 < accepted < drafted
