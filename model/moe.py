@@ -133,10 +133,12 @@ def grouped_swiglu(x: jax.Array, view: ExpertView, group_sizes: jax.Array, tile_
     item_end = jnp.cumsum(n_items)
     item_start = item_end - n_items
     total = item_end[-1]
+    j_all = jnp.arange(max_items, dtype=item_end.dtype)
+    item_e = jnp.minimum(jnp.searchsorted(item_end, j_all, side="right"), n_exp - 1)  # [max_items] expert of item
+    item_r0 = starts[item_e] + (j_all - item_start[item_e]) * tile_m  # and its first row
 
     def run(j, out):
-        e = jnp.minimum(jnp.searchsorted(item_end, j, side="right"), n_exp - 1)
-        r0 = starts[e] + (j - item_start[e]) * tile_m
+        e, r0 = item_e[j], item_r0[j]
         rows = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile_m)  # [tile, D]
         valid = r0 + jnp.arange(tile_m) < ends[e]
         a, b, c = view.one(e)  # one expert's weights (dequantized below when quantized)
