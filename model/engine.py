@@ -10,8 +10,9 @@ slots as they come, prefilled in chunks while the others decode, and freed when 
 Each `step()`: free slots take waiting requests (first come, first served); one chunk of `chunk` prompt tokens of
 each of the oldest prefilling requests (as many as `prefill_tokens` allows) runs through the model into their
 slots in one call (the cache-reading form of attention, at the chunks' positions, `forward` in the decode phase);
-then every decoding slot advances by one token in one batched decode step, each sampling with its own parameters
-and keys. The host reads the new tokens each step (for stop tokens, limits and callbacks).
+then every decoding slot advances by one token in one batched decode step (or by `decode_steps` tokens in one
+call), each sampling with its own parameters and keys. The host reads the new tokens each step (for stop tokens,
+limits and callbacks).
 
 With mtp=True each decode step is a verify step, as `generate(..., speculative=True)` runs it: every slot feeds its
 pending token and its MTP draft through the main model, keeps one token or two, and the MTP layer (with its own
@@ -122,16 +123,26 @@ def _sample(logits, temperature, top_k, top_p, seeds, request_ids, steps):
         jnp.all(jnp.isfinite(logits), axis=-1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
-def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan):
-    """One token for every slot; host: [3, B] int32 rows (last token, tokens so far, decoding or not), one
-    transfer per step. Slots not decoding keep their length (their write lands past it and is overwritten before
-    anything reads it)."""
-    tokens, steps, active = host[0], host[1], host[2] > 0
-    lengths = cache.lengths
-    logits, cache = decode_fn(params, cache, tokens, cfg, plan)
-    cache = cache.replace(lengths=jnp.where(active, lengths + 1, lengths))
-    return (*_sample(logits, temperature, top_k, top_p, seeds, request_ids, steps), cache)
+@partial(jax.jit, static_argnames=("cfg", "plan", "n"), donate_argnames=("cache",))
+def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan, n):
+    """n tokens for every slot in one call, each step fed the token of the one before; host: [4, B] int32 rows
+    (last token, tokens so far, decoding or not, tokens it may still emit), one transfer per call. A slot's length
+    advances while it decodes and has budget left: a slot not decoding keeps its length (its writes land past it
+    and are overwritten before anything reads them), and one that stops at a stop token inside the n steps runs
+    on into positions nothing reads (the host drops those tokens and frees the slot). Returns (tokens [n, B],
+    finite [n, B], the cache)."""
+    tokens, steps, active, budget = host[0], host[1], host[2] > 0, host[3]
+
+    def one(carry, i):
+        cache, tok = carry
+        live = active & (i < budget)
+        logits, new = decode_fn(params, cache, tok, cfg, plan)
+        nxt, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, steps + i)
+        new = new.replace(lengths=jnp.where(live, cache.lengths + 1, cache.lengths))
+        return (new, jnp.where(live, nxt, tok)), (nxt, finite)
+
+    (cache, _), (nxt, finite) = jax.lax.scan(one, (cache, tokens), jnp.arange(n))
+    return nxt, finite, cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
@@ -182,17 +193,23 @@ class Engine:
     """See the module docstring. slots: decode slots (the batch of every decode step); max_len: cache positions
     per slot (a multiple of `chunk`), the most prompt + new tokens a request may have; chunk: prompt tokens per
     prefill call; prefill_tokens: prompt tokens one step may prefill (chunks of that many requests at once, at
-    least one); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an FP8 cache's
-    scales, as for `generate`; mtp: draft with the MTP module and verify every step (module docstring)."""
+    least one); decode_steps: tokens each slot decodes per step, in one call and one read of the results (the
+    host's round trip paid once for them; a request admitted meanwhile waits for the next step; tokens past a
+    request's stop are dropped); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an
+    FP8 cache's scales, as for `generate`; mtp: draft with the MTP module and verify every step (module
+    docstring)."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
-                 prefill_tokens: int = 1024, plan: ExecutionPlan | None = None, kv_scale=None, mtp: bool = False):
+                 prefill_tokens: int = 1024, decode_steps: int = 1, plan: ExecutionPlan | None = None,
+                 kv_scale=None, mtp: bool = False):
         plan = ExecutionPlan.build(plan)
         if mtp and params.mtp is None:
             raise ValueError("mtp=True drafts with the MTP module: these parameters have none")
-        if slots < 1 or chunk < 1 or prefill_tokens < 1:
-            raise ValueError(f"slots, chunk and prefill_tokens must be >= 1, got slots={slots}, chunk={chunk}, "
-                             f"prefill_tokens={prefill_tokens}")
+        if slots < 1 or chunk < 1 or prefill_tokens < 1 or decode_steps < 1:
+            raise ValueError(f"slots, chunk, prefill_tokens and decode_steps must be >= 1, got slots={slots}, "
+                             f"chunk={chunk}, prefill_tokens={prefill_tokens}, decode_steps={decode_steps}")
+        if mtp and decode_steps > 1:
+            raise ValueError("mtp=True verifies one draft per step: use decode_steps=1")
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
@@ -205,6 +222,7 @@ class Engine:
         self.params, self.cfg, self.plan, self.chunk = params, cfg, plan, chunk
         self.slots, self.max_len = slots, max_len
         self.prefill_rows = min(slots, max(1, prefill_tokens // chunk))
+        self.decode_steps = decode_steps
         cache = init_cache(cfg, slots, max_len, kv_scale=kv_scale)
         # committed to its device(s) from the start: the step functions' outputs are, and a first call with an
         # uncommitted cache would compile each program once more
@@ -321,10 +339,10 @@ class Engine:
         rows = [r if r in decoding else None for r in self.running]
         if self._slot_params is None:  # a free slot samples with a stand-in's parameters, unused
             self._slot_params = jax.device_put(self._params([r or decoding[0] for r in self.running]))
-        host = np.zeros((3, self.slots), np.int32)
+        host = np.zeros((4, self.slots), np.int32)
         for i, r in enumerate(rows):
             if r is not None:
-                host[:, i] = r.tokens[-1], len(r.tokens), 1
+                host[:, i] = r.tokens[-1], len(r.tokens), 1, r.max_new_tokens - len(r.tokens)
         if self.mtp is not None:
             out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
                 self.params, self.cache, self.mtp, self._draft, self._q, host, *self._slot_params,
@@ -337,11 +355,12 @@ class Engine:
                         self._emit(r, int(t2), True)
             return
         nxt, finite, self.cache = _decode_slots(self.params, self.cache, host, *self._slot_params,
-                                                cfg=self.cfg, plan=self.plan)
+                                                cfg=self.cfg, plan=self.plan, n=self.decode_steps)
         nxt, finite = np.asarray(nxt), np.asarray(finite)
-        for r, t, ok in zip(rows, nxt, finite):
-            if r is not None:
-                self._emit(r, int(t), bool(ok))
+        for step_tokens, step_finite in zip(nxt, finite):  # in order, as that many single steps would emit them
+            for r, t, ok in zip(rows, step_tokens, step_finite):
+                if r is not None and not r.done:
+                    self._emit(r, int(t), bool(ok))
 
     def _emit(self, r: Request, tok: int, finite: bool) -> None:
         now = time.perf_counter()

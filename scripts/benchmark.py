@@ -62,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead of a closed loop; "
                     "--concurrency then sets the engine's slots")
     ap.add_argument("--chunk", type=int, default=64, help="prompt tokens per prefill call")
+    ap.add_argument("--decode-steps", type=int, default=1, help="tokens each slot decodes per engine step (one "
+                    "call and one read of the results; not with --mtp)")
     ap.add_argument("--mtp", action="store_true", help="each concurrency also with MTP drafts verified every step "
                     "(a checkpoint with an MTP module)")
     ap.add_argument("--hf", action="store_true", help="HF transformers side by side (random weights of the "
@@ -73,8 +75,11 @@ def main(argv=None):
         load = Load(args.requests, args.input_len, args.output_len)
     except ValueError as e:
         ap.error(str(e))
-    if min(args.concurrency) < 1 or args.chunk < 1 or (args.rate is not None and args.rate <= 0):
-        ap.error("--concurrency and --chunk must be >= 1, --rate > 0")
+    if min(args.concurrency) < 1 or args.chunk < 1 or args.decode_steps < 1 or \
+            (args.rate is not None and args.rate <= 0):
+        ap.error("--concurrency, --chunk and --decode-steps must be >= 1, --rate > 0")
+    if args.mtp and args.decode_steps > 1:
+        ap.error("--mtp verifies one draft per step: leave --decode-steps at 1")
     hf = None
     if args.hf:
         if load.input_len[0] != load.input_len[1] or load.output_len[0] != load.output_len[1]:
@@ -99,7 +104,8 @@ def main(argv=None):
         ap.error("--mtp needs a checkpoint with an MTP module (not --hf or --preset)")
     rows = []
     for c, mtp in ((c, m) for c in args.concurrency for m in ((False, True) if args.mtp else (False,))):
-        engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp)
+        engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp,
+                        decode_steps=args.decode_steps)
         for k in (1 << i for i in range(c.bit_length())):  # compiles the prefill of 1, 2, 4, .. requests at once
             run_load(engine, items[:k], concurrency=k)       # and the decode step
         reqs, secs = run_load(engine, items, concurrency=None if args.rate else c, rate=args.rate)
@@ -114,7 +120,8 @@ def main(argv=None):
     load_text = (f"{load.requests} requests, input {load.input_len[0]}-{load.input_len[1]}, output "
                  f"{load.output_len[0]}-{load.output_len[1]}, " + (f"{args.rate} req/s" if args.rate else
                                                                    "closed loop"))
-    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk} ({machine})")
+    steps = f", {args.decode_steps} decode steps per call" if args.decode_steps > 1 else ""
+    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk}{steps} ({machine})")
     print(f"{'conc':>4} {'MTP':>4} {'TTFT ms p50/p90':>17} {'TPOT ms p50/p90':>16} {'tok/s/user p50/p90':>19} "
           f"{'tok/s total':>11}" + (f" {'HF static':>9} {'ratio':>6}" if hf else ""))
     for r in rows:
@@ -125,6 +132,7 @@ def main(argv=None):
               + (f" {r['hf_total_tok_s']:9.1f} {r['ratio_vs_hf']:5.2f}x" if hf else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "machine": machine, "load": load_text,
+                                               "chunk": args.chunk, "decode_steps": args.decode_steps,
                                                "rows": rows}, indent=2) + "\n")
     if args.plot:
         import matplotlib

@@ -28,8 +28,8 @@ def _load(eos):
             (4, 18, SamplingParams(temperature=0.6, seed=5), 14, 9), (5, 10, SamplingParams(), 15, 20)]
 
 
-def _run(params, cfg, prompts, eos, load, log=None, mtp=False):
-    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp)
+def _run(params, cfg, prompts, eos, load, log=None, mtp=False, decode_steps=1, halt=None):
+    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp, decode_steps=decode_steps)
     engine.prefill_batches = []  # how many requests each prefill call took (3 are padded to 4 rows)
     prefill = engine._prefill
     engine._prefill = lambda reqs: (engine.prefill_batches.append(len(reqs)), prefill(reqs))
@@ -38,7 +38,8 @@ def _run(params, cfg, prompts, eos, load, log=None, mtp=False):
         while pending and pending[0][4] <= engine.steps:
             i, n, sp, rid, _ = pending.pop(0)
             reqs[rid] = engine.submit(prompts[i], max_new_tokens=n, sampling=sp, stop_tokens=[eos], request_id=rid,
-                                      on_token=None if log is None else lambda r, t: log.append((r.request_id, t)))
+                                      on_token=None if log is None else
+                                      lambda r, t: log.append((r.request_id, t)) or (r.request_id, t) == halt)
         engine.step()
     return reqs, engine
 
@@ -66,6 +67,26 @@ def test_each_request_gets_what_it_gets_alone(bundled, mtp):
     ref = generate(params, cfg, [prompts[x[0]] for x in greedy], max_new_tokens=20, stop_tokens=[eos])
     for x, seq in zip(greedy, ref.sequences(True)):
         assert together[x[3]].tokens == seq[:x[1]], x
+
+
+def test_several_decode_steps_per_call_give_the_same_tokens(bundled):
+    """decode_steps=3: three tokens per slot and call; requests that stop, hit their length or are halted by their
+    callback inside a call keep exactly the tokens and finish reasons of one step per call, streamed in order."""
+    params, cfg, prompts, eos = bundled
+    load = _load(eos)
+    plain, _ = _run(params, cfg, prompts, eos, load)
+    halt = (11, plain[11].tokens[4])  # request 11's callback ends it at this token
+    runs = {}
+    for steps in (1, 3):
+        log = []
+        reqs, _ = _run(params, cfg, prompts, eos, load, log, decode_steps=steps, halt=halt)
+        runs[steps] = {rid: (r.tokens, r.finish_reason) for rid, r in reqs.items()}
+        assert all([t for rid, t in log if rid == k] == r.tokens for k, r in reqs.items())
+    assert runs[1] == runs[3]
+    assert runs[3][11][1] == "stop" and len(runs[3][11][0]) < len(plain[11].tokens)
+    assert {reason for _, reason in runs[3].values()} == {"stop", "length"}
+    with pytest.raises(ValueError, match="decode_steps=1"):
+        Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=True, decode_steps=2)
 
 
 def test_bad_requests_are_refused_and_the_others_run_on(bundled):
@@ -140,3 +161,25 @@ def test_the_engine_on_a_mesh(bundled):
     assert [r.tokens for r in reqs] == [alone[i].tokens for i in (0, 1, 2)]
     with pytest.raises(ValueError, match="batch=3 is not divisible by mesh axes data of size 2"):
         Engine(params, cfg, slots=3, max_len=MAX_LEN, chunk=CHUNK, plan=plan)
+
+
+def test_the_benchmark_command(tmp_path, capsys):
+    """scripts/benchmark.py on the bundled model: a small load at two concurrencies with two decode steps per call
+    writes one row each, every request's tokens counted; --mtp with several decode steps is a usage error."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("benchmark_script",
+                                                  Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    bench.main(["--requests", "3", "--input-len", "5:20", "--output-len", "3:6", "--concurrency", "1", "2",
+                "--decode-steps", "2", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["decode_steps"] == 2 and [r["concurrency"] for r in res["rows"]] == [1, 2]
+    assert all(r["requests"] == 3 and 9 <= r["output_tokens"] <= 18 for r in res["rows"])
+    assert "2 decode steps per call" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--mtp", "--decode-steps", "2"])
+    assert e.value.code == 2 and "leave --decode-steps at 1" in capsys.readouterr().err
