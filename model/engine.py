@@ -99,20 +99,23 @@ def _slot_write(cache, part, slots):
     return cache.replace(c_kv=put(cache.c_kv, part.c_kv), k_pe=put(cache.k_pe, part.k_pe))
 
 
-def _chunk_positions(tokens, start):
-    return start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # [K, C]
+def _prefill_rows(params, cache, slots, tokens, start, last, sampling, cfg, plan):
+    """What both prefill programs run: tokens [K, C] at positions start [K].. through the cache rows `slots` [K],
+    each row's next token sampled from the logits at index last [K] of its chunk (used when that is the prompt's
+    last token). Returns (positions [K, C], hidden [K, C, D], the rows' new cache, token [K], finite [K])."""
+    pos = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    hidden, part, _ = forward(params, _slot_view(cache, slots), tokens, pos, None, cfg, plan, "decode")
+    logits = lm_logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0], cfg)  # [K, V]
+    return (pos, hidden, part, *_sample(logits, *sampling, jnp.zeros_like(last)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
 def _prefill_chunk(params, cache, slots, tokens, start, last, temperature, top_k, top_p, seeds, request_ids, cfg,
                    plan):
-    """One chunk of each of K requests: tokens [K, C] at positions start [K].. into the cache rows `slots` [K];
-    each row's next token is sampled from the logits at index last [K] of its chunk (used when that is the
-    prompt's last token). Returns (token [K], finite [K], the cache)."""
-    hidden, part, _ = forward(params, _slot_view(cache, slots), tokens, _chunk_positions(tokens, start), None, cfg,
-                              plan, "decode")
-    logits = lm_logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0], cfg)  # [K, V]
-    tok, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros_like(last))
+    """One chunk of each of K requests into the cache rows `slots` (`_prefill_rows`). Returns (token [K],
+    finite [K], the cache)."""
+    _, _, part, tok, finite = _prefill_rows(params, cache, slots, tokens, start, last,
+                                            (temperature, top_k, top_p, seeds, request_ids), cfg, plan)
     cache = _slot_write(cache, part, slots).replace(lengths=cache.lengths.at[slots].set(start + last + 1))
     return tok, finite, cache
 
@@ -125,17 +128,17 @@ def _sample(logits, temperature, top_k, top_p, seeds, request_ids, steps):
 
 @partial(jax.jit, static_argnames=("cfg", "plan", "n"), donate_argnames=("cache",))
 def _decode_slots(params, cache, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan, n):
-    """n tokens for every slot in one call, each step fed the token of the one before; host: [4, B] int32 rows
-    (last token, tokens so far, decoding or not, tokens it may still emit), one transfer per call. A slot's length
-    advances while it decodes and has budget left: a slot not decoding keeps its length (its writes land past it
-    and are overwritten before anything reads them), and one that stops at a stop token inside the n steps runs
+    """n tokens for every slot in one call, each step fed the token of the one before; host: [3, B] int32 rows
+    (last token, tokens so far, tokens it may still emit: 0 for a slot not decoding), one transfer per call. A
+    slot's length advances while it has budget left: a slot not decoding keeps its length (its writes land past
+    it and are overwritten before anything reads them), and one that stops at a stop token inside the n steps runs
     on into positions nothing reads (the host drops those tokens and frees the slot). Returns (tokens [n, B],
     finite [n, B], the cache)."""
-    tokens, steps, active, budget = host[0], host[1], host[2] > 0, host[3]
+    tokens, steps, budget = host
 
     def one(carry, i):
         cache, tok = carry
-        live = active & (i < budget)
+        live = i < budget
         logits, new = decode_fn(params, cache, tok, cfg, plan)
         nxt, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, steps + i)
         new = new.replace(lengths=jnp.where(live, cache.lengths + 1, cache.lengths))
@@ -152,14 +155,11 @@ def _prefill_chunk_mtp(params, cache, mtp, draft, q, slots, tokens, nxt, start, 
     (h_i, the prompt's token i + 1), the next tokens nxt [K, C] given by the host; on a request's last chunk
     (final [K]) the last entry takes the first generated token, sampled here, and drafts the token after it.
     Returns (first token [K], finite [K], the caches, the slots' drafts [B] and draft logits [B, V])."""
-    pos = _chunk_positions(tokens, start)
-    hidden, part, _ = forward(params, _slot_view(cache, slots), tokens, pos, None, cfg, plan, "decode")
-    at_last = last[:, None, None]
-    logits = lm_logits(params, jnp.take_along_axis(hidden, at_last, axis=1)[:, 0], cfg)  # [K, V]
-    first, finite = _sample(logits, temperature, top_k, top_p, seeds, request_ids, jnp.zeros_like(last))
+    pos, hidden, part, first, finite = _prefill_rows(params, cache, slots, tokens, start, last,
+                                                     (temperature, top_k, top_p, seeds, request_ids), cfg, plan)
     nxt = jnp.where(final[:, None] & (jnp.arange(nxt.shape[1]) == last[:, None]), first[:, None], nxt)
     g, m_part = mtp_step(params, _slot_view(mtp, slots), hidden, nxt, pos, cfg, plan, "decode")
-    q_new = lm_logits(params, jnp.take_along_axis(g, at_last, axis=1)[:, 0], cfg)  # [K, V]
+    q_new = lm_logits(params, jnp.take_along_axis(g, last[:, None, None], axis=1)[:, 0], cfg)  # [K, V]
     d = sample_rows(q_new, stream_keys(row_keys(seeds, request_ids, jnp.ones_like(last)), 1), temperature,
                     top_k, top_p)
     draft = draft.at[slots].set(jnp.where(final, d, draft[slots]))
@@ -171,7 +171,7 @@ def _prefill_chunk_mtp(params, cache, mtp, draft, q, slots, tokens, nxt, start, 
 @partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache", "mtp", "draft", "q"))
 def _verify_slots(params, cache, mtp, draft, q, host, temperature, top_k, top_p, seeds, request_ids, cfg, plan):
     """One verify step for every slot (`model.mtp.verify_step`, with each slot's own sampling). host: [3, B]
-    (pending token, tokens so far, decoding or not).
+    (pending token, tokens so far, tokens it may still emit: 0 for a slot not decoding).
     Returns ([4, B]: first token, second token, accepted, finite; the caches; the new drafts and draft logits)."""
     pending, n_out, active = host[0], host[1], host[2] > 0
     n = cache.lengths
@@ -339,10 +339,10 @@ class Engine:
         rows = [r if r in decoding else None for r in self.running]
         if self._slot_params is None:  # a free slot samples with a stand-in's parameters, unused
             self._slot_params = jax.device_put(self._params([r or decoding[0] for r in self.running]))
-        host = np.zeros((4, self.slots), np.int32)
+        host = np.zeros((3, self.slots), np.int32)
         for i, r in enumerate(rows):
             if r is not None:
-                host[:, i] = r.tokens[-1], len(r.tokens), 1, r.max_new_tokens - len(r.tokens)
+                host[:, i] = r.tokens[-1], len(r.tokens), r.max_new_tokens - len(r.tokens)
         if self.mtp is not None:
             out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
                 self.params, self.cache, self.mtp, self._draft, self._q, host, *self._slot_params,
