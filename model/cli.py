@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from model import command
 from model.cache import init_cache
 from model.config import DTYPES
+from model.engine import Engine
 from model.forward import _decode, _prefill, check_tokens
-from model.generate import NonFiniteError, generate, raise_nonfinite
+from model.generate import NonFiniteError, raise_nonfinite
 from model.io.checkpoint import load_checkpoint
 from model.io.errors import require_directory
 from model.io.hf_checkpoint import CheckpointError, load_hf_checkpoint
@@ -34,6 +35,7 @@ from model.train.evaluate import MIN_TEXT_BYTES, evaluate, format_table
 from model.train.quant_eval import calibration_sequences
 from quant.recipes import get_recipe
 from sharding.mesh import make_mesh
+from sharding.rules import mesh_size
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
@@ -177,6 +179,19 @@ class StopStrings:
         return out
 
 
+def halt_at_stop(tok, stops):
+    """An engine request's on_token callback that ends it as soon as its text holds one of `stops` (None when there
+    are none). The tail of the text is enough to see a stop string complete."""
+    if not stops:
+        return None
+    longest, eos = max(map(len, stops)), tok.eos_id
+
+    def on_token(req, _):
+        tail = tok.decode([t for t in req.tokens[-(4 * longest + 8):] if t != eos])
+        return any(s in tail for s in stops)
+    return on_token
+
+
 def _report_to_stderr() -> None:
     """The library's own reports (host memory a load holds, ...) as bracketed lines on stderr."""
     log = logging.getLogger("r1jax")
@@ -232,10 +247,13 @@ def generate_main(argv=None):
                     help="a checkpoint of this project or an HF-layout directory (default: the bundled model)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-file", default=None,
-                    help="generate for every prompt in this file, batched: one per line, or JSON lines "
-                    "{\"prompt\": ..., \"id\": ...}; - reads stdin (request ids 0, 1, ... seed the sampling)")
+                    help="generate for every prompt in this file through the continuous-batching engine: one per "
+                    "line, or JSON lines {\"prompt\": ..., \"id\": ...}; - reads stdin (request ids 0, 1, ... seed "
+                    "the sampling)")
+    ap.add_argument("--slots", type=int, default=16,
+                    help="with --prompt-file: requests decoded at once (the engine's decode batch)")
     ap.add_argument("--json", action="store_true", help="with --prompt-file: one JSON object per request (text, "
-                    "every generated token id, finish reason stop or length, token counts, the batch's seconds)")
+                    "every generated token id, finish reason stop, length or error, token counts, seconds)")
     ap.add_argument("--stop", action="append", default=[], help="a stop string (repeatable): the text ends before it")
     ap.add_argument("--chat", action="store_true",
                     help="wrap --prompt in the tokenizer's chat format (for R1: a user turn, then <think>)")
@@ -276,6 +294,13 @@ def generate_main(argv=None):
         ap.error(f"--prompt is not valid text: {e.reason} at character {e.start}")
     if args.json and not args.prompt_file:
         ap.error("--json goes with --prompt-file")
+    if args.slots < 1:
+        ap.error(f"--slots must be >= 1, got {args.slots}")
+    if args.speculative and args.backend != "xla":
+        ap.error("--speculative runs on --backend xla (the pallas decode kernel verifies one token per step)")
+    if args.prompt_file and args.backend != "xla":
+        ap.error("--prompt-file runs through the engine, whose chunked prefill reads the cache with the xla "
+                 "attention: use --backend xla")
     requests = None
     if args.prompt_file:
         try:
@@ -291,7 +316,7 @@ def generate_main(argv=None):
         # a recipe applied here quantizes on the host first, then places the result
         params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if quantizes_later(recipe) else mesh,
                                     dtype=args.dtype, check_finite=False if args.no_finite_check else None)
-        if mesh is not None and requests is None:
+        if mesh is not None:
             check_divisible(cfg, mesh, batch=1)
     except (CheckpointError, TokenizerError, ValueError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
@@ -311,14 +336,12 @@ def generate_main(argv=None):
         return
     params, kv_scale = apply_recipe(params, cfg, tok, recipe, mesh)
     plan = ExecutionPlan.build(backend=args.backend, mesh=mesh)
-    if args.speculative and args.backend != "xla":
-        ap.error("--speculative runs on --backend xla (the pallas decode kernel verifies one token per step)")
     if args.speculative and params.mtp is None:
         ap.error(f"--speculative drafts with the MTP module: {args.checkpoint} has none")
     if requests is None and args.speculative:  # one prompt, not streamed: a one-line request file of it
         requests = [{"id": 0, "prompt": args.prompt, "settings": (sampling, args.max_new_tokens, args.stop)}]
     if requests is not None:
-        _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan)
+        _generate_requests(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan)
         return
     # compile once with the real shapes (same cache length) so the timings below are of generation alone
     max_len = min(-(-(len(prompt_ids) + args.max_new_tokens) // 64) * 64, cfg.max_position_embeddings)
@@ -350,49 +373,60 @@ def generate_main(argv=None):
           f"{rate:.1f} tokens/s, compile {compile_s:.1f} s]", file=sys.stderr)
 
 
-def _generate_batch(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan):
-    """--prompt-file: the requests batched through `generate`, one batch per distinct (sampling, max_new_tokens)
-    with request ids 0, 1, ... (their order in the file), so each gets the tokens it gets alone with its request
-    id; printed in file order as text or JSON lines (batch_seconds: the wall time of the request's batch,
-    compilation included)."""
-    groups: dict = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r["settings"][:2], []).append(i)
-    results, t0, drafted, accepted = {}, time.perf_counter(), 0, 0
-    for (sp, n_new), rows in groups.items():
-        if n_new == 0:
-            results.update({i: ([], False, 0.0) for i in rows})
-            continue
-        t_batch = time.perf_counter()
-        try:
-            out = generate(params, cfg, [all_ids[i] for i in rows], max_new_tokens=n_new, sampling=sp,
-                           stop_tokens=[tok.eos_id], request_ids=rows, kv_scale=kv_scale, plan=plan,
-                           speculative=args.speculative)
-            if args.speculative:
-                drafted, accepted = drafted + int(out.drafted.sum()), accepted + int(out.accepted.sum())
-        except NonFiniteError as e:
-            ap.exit(1, f"{ap.prog}: error: {e}\n")
-        t_batch = time.perf_counter() - t_batch
-        results.update({i: (row[:n].tolist(), bool(ended), t_batch)
-                        for i, row, n, ended in zip(rows, out.tokens, out.num_generated, out.stopped)})
+def _generate_requests(ap, args, requests, all_ids, params, cfg, tok, kv_scale, plan):
+    """--prompt-file: every request through the continuous-batching engine (model/engine.py) with its own sampling,
+    length and stop strings, `--slots` at a time, request ids 0, 1, ... (their order in the file), so each gets the
+    tokens `generate` gives it alone with its request id; a request ends at the end-of-text token or as soon as its
+    text holds a stop string. Printed in file order as text or JSON lines (seconds: from the request's submission
+    to its last token, compilation included for the first ones). A request whose logits turn non-finite is
+    reported by its id (exit status 1) after the others are printed."""
+    todo = [i for i, r in enumerate(requests) if r["settings"][1] > 0]
+    need = max((len(all_ids[i]) + requests[i]["settings"][1] for i in todo), default=1)
+    chunk = 64
+    slots = min(args.slots, max(len(todo), 1))
+    if plan.mesh is not None:  # every decode step's batch is split over the mesh's batch axes
+        per = mesh_size(plan.mesh, plan.rules.axes("batch"))
+        slots = -(-slots // per) * per
+    t0 = time.perf_counter()
+    try:
+        engine = Engine(params, cfg, slots=slots, max_len=-(-need // chunk) * chunk, chunk=chunk, plan=plan,
+                        kv_scale=kv_scale, mtp=args.speculative)
+    except ValueError as e:
+        ap.error(str(e))
+    reqs = {}
+    for i in todo:
+        sp, n_new, stops = requests[i]["settings"]
+        reqs[i] = engine.submit(all_ids[i], max_new_tokens=n_new, sampling=sp, stop_tokens=[tok.eos_id],
+                                request_id=i, on_token=halt_at_stop(tok, stops))
+    engine.run()
     seconds = time.perf_counter() - t0
+    failed = []
     for i, (r, ids) in enumerate(zip(requests, all_ids)):
-        new, ended, t_batch = results[i]
-        body = new[:-1] if ended else new
-        stops = r["settings"][2]
+        req, stops = reqs.get(i), r["settings"][2]
+        new = [] if req is None else req.tokens
+        body = new[:-1] if new and new[-1] == tok.eos_id and req.finish_reason == "stop" else new
         if stops:
-            new = body = ids_through_stop(body, tok.decode, stops)
+            body = ids_through_stop(body, tok.decode, stops)
         text, cut = cut_at_stop(tok.decode(body), stops)
+        reason = "length" if req is None else "stop" if cut or len(body) < len(new) else req.finish_reason
+        if req is not None and req.error:
+            failed.append(f"request {i} ({r['id']}): {req.error}")
         if args.json:
-            print(json.dumps({"id": r["id"], "prompt": r["prompt"], "text": text, "token_ids": body,
-                              "finish_reason": "stop" if ended or cut else "length", "prompt_tokens": len(ids),
-                              "new_tokens": len(new), "batch_seconds": round(t_batch, 4)}, ensure_ascii=False))
-        else:
+            row = {"id": r["id"], "prompt": r["prompt"], "text": text, "token_ids": body, "finish_reason": reason,
+                   "prompt_tokens": len(ids), "new_tokens": len(body if stops else new),
+                   "seconds": round(req.t_done - req.t_submit, 4) if req is not None else 0.0}
+            print(json.dumps({**row, "error": req.error} if req is not None and req.error else row,
+                             ensure_ascii=False))
+        elif not (req is not None and req.error):
             print(r["prompt"] + text)
-    total = sum(len(v[0]) for v in results.values())
+    total = sum(len(q.tokens) for q in reqs.values())
+    drafted, accepted = sum(q.drafted for q in reqs.values()), sum(q.accepted for q in reqs.values())
     mtp = f", MTP drafts accepted {accepted}/{drafted}" if args.speculative else ""
-    print(f"[requests {len(requests)} in {len(groups)} batch(es), new tokens {total}, {seconds:.2f} s with "
+    print(f"[requests {len(requests)} through the engine ({slots} slots), new tokens {total}, {seconds:.2f} s with "
           f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
+    if failed:
+        ap.exit(1, f"{ap.prog}: error: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+                + "\n")
 
 
 def evaluate_main(argv=None):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.cache import init_cache
-from model.cli import BUNDLED_CHECKPOINT, apply_recipe, cut_at_stop, load_any, quantizes_later
+from model.cli import BUNDLED_CHECKPOINT, apply_recipe, cut_at_stop, halt_at_stop, load_any, quantizes_later
 from model.config import Config
 from model.engine import Engine
 from model.forward import prefill_fn
@@ -181,19 +181,8 @@ class HarnessModel:
         engine = Engine(self.params, self.cfg, slots=self.batch_size, max_len=-(-need // chunk) * chunk,
                         chunk=chunk, plan=self.plan, kv_scale=self.kv_scale)
         eos = self.tok.eos_id
-
-        def watch(until):
-            if not until:
-                return None
-            longest = max(map(len, until))
-
-            def on_token(req, _):  # the tail of the text is enough to see a stop string complete
-                tail = self.tok.decode([t for t in req.tokens[-(4 * longest + 8):] if t != eos])
-                return any(u in tail for u in until)
-            return on_token
-
         reqs = [engine.submit(ids, max_new_tokens=n, sampling=sp, stop_tokens=[eos], request_id=i,
-                              on_token=watch(until)) for i, (ids, n, sp, until) in enumerate(todo)]
+                              on_token=halt_at_stop(self.tok, until)) for i, (ids, n, sp, until) in enumerate(todo)]
         engine.run()
         out = []
         for r, (_, _, _, until) in zip(reqs, todo):

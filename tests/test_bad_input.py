@@ -2,6 +2,7 @@
 with a message that names the problem (the parameter, the prompt, the flag)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def nan_checkpoint(tmp_path_factory):
     return path, cfg, prompt
 
 
-def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, capsys):
+def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, capsys, tmp_path):
     path, cfg, prompt = nan_checkpoint
     with pytest.raises(CheckpointError, match=r"weight \.embed holds NaN or inf"):
         load_checkpoint(path)
@@ -130,6 +131,17 @@ def test_a_nan_weight_is_named_on_load_and_stops_generation(nan_checkpoint, caps
             generate_main(argv)
         err = capsys.readouterr().err
         assert e.value.code == code and message in err and "Traceback" not in err, err
+    # through the engine: the request is named, and the others are printed first
+    file = tmp_path / "p.jsonl"
+    file.write_text(json.dumps({"prompt": PROMPT, "max_new_tokens": 1}) + "\n" + json.dumps({"prompt": PROMPT}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(path), "--no-finite-check", "--temperature", "0", "--prompt-file",
+                       str(file), "--json", "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert e.value.code == 1 and "Traceback" not in out.err
+    assert "request 1 (1): non-finite logits (NaN or inf) at generation step 1" in out.err
+    assert rows[0]["finish_reason"] == "length" and rows[1]["finish_reason"] == "error" and "error" in rows[1]
 
 
 TRAINING = [
