@@ -422,8 +422,8 @@ def _generate_requests(ap, args, requests, all_ids, params, cfg, tok, kv_scale, 
     total = sum(len(q.tokens) for q in reqs.values())
     drafted, accepted = sum(q.drafted for q in reqs.values()), sum(q.accepted for q in reqs.values())
     mtp = f", MTP drafts accepted {accepted}/{drafted}" if args.speculative else ""
-    print(f"[requests {len(requests)} through the engine ({slots} slots), new tokens {total}, {seconds:.2f} s with "
-          f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
+    print(f"[requests {len(requests)} through the engine ({slots} slot{'s' * (slots > 1)}), new tokens {total}, "
+          f"{seconds:.2f} s with compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
     if failed:
         ap.exit(1, f"{ap.prog}: error: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
                 + "\n")
