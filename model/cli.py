@@ -316,8 +316,8 @@ def generate_main(argv=None):
         # a recipe applied here quantizes on the host first, then places the result
         params, cfg, tok = load_any(args.checkpoint, args.tokenizer, mesh=None if quantizes_later(recipe) else mesh,
                                     dtype=args.dtype, check_finite=False if args.no_finite_check else None)
-        if mesh is not None:
-            check_divisible(cfg, mesh, batch=1)
+        if mesh is not None:  # a prompt file's engine rounds its slots up to the mesh's batch axes
+            check_divisible(cfg, mesh, batch=None if requests else 1)
     except (CheckpointError, TokenizerError, ValueError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     texts = [r["prompt"] for r in requests] if requests else [args.prompt]

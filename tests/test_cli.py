@@ -84,3 +84,17 @@ def test_bad_prompt_files_are_named(tmp_path, capsys):
             generate_main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_prompt_file_on_a_mesh_with_a_batch_axis(tmp_path, capsys):
+    """Three requests on data=2: the engine's slots round up to 4 and each request keeps its greedy tokens."""
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(PROMPTS[:3]) + "\n")
+    generate_main(["--prompt-file", str(file), "--json", "--max-new-tokens", "6", "--temperature", "0", "--mesh",
+                   "expert=4,data=2"])
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    params, cfg, tok = load_any(BUNDLED_CHECKPOINT)
+    plain = generate(params, cfg, [tok.encode(p, add_bos=True) for p in PROMPTS[:3]], max_new_tokens=6,
+                     stop_tokens=[tok.eos_id])
+    assert [r["token_ids"] for r in rows] == plain.sequences() and "(4 slots)" in out.err
