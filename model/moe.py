@@ -118,9 +118,10 @@ def grouped_swiglu(x: jax.Array, view: ExpertView, group_sizes: jax.Array, tile_
 
     Work items are row tiles aligned to each expert's first row: expert e with s_e rows gets ceil(s_e / tile_m)
     items, so at most one partial tile per non-empty expert and none for empty ones. The item-to-expert map is
-    computed up front (what a grouped-matmul kernel prefetches). Inference runs exactly the items there are (a
-    while loop); `differentiable=True` runs a fixed-length loop that skips the rest, which reverse-mode
-    differentiation needs. Rows past sum(group_sizes) come back as zeros.
+    computed up front (what a grouped-matmul kernel prefetches), in the order of the experts, which each tile's
+    write relies on (below). Inference runs exactly the items there are (a while loop); `differentiable=True` runs
+    a fixed-length loop that skips the rest, which reverse-mode differentiation needs. Rows past sum(group_sizes)
+    come back as zeros.
     Args: x: [Mr, D] sorted rows; group_sizes: [n]. Returns [Mr, D] float32.
     """
     m, d = x.shape
@@ -133,22 +134,25 @@ def grouped_swiglu(x: jax.Array, view: ExpertView, group_sizes: jax.Array, tile_
     item_end = jnp.cumsum(n_items)
     item_start = item_end - n_items
     total = item_end[-1]
+    total_rows = ends[-1]
     j_all = jnp.arange(max_items, dtype=item_end.dtype)
-    item_e = jnp.minimum(jnp.searchsorted(item_end, j_all, side="right"), n_exp - 1)  # [max_items] expert of item
+    # [max_items] expert of each item: one comparison of every item with every expert's end (small: items x
+    # experts), where the default binary search is a loop of small steps
+    item_e = jnp.minimum(jnp.searchsorted(item_end, j_all, side="right", method="compare_all"), n_exp - 1)
     item_r0 = starts[item_e] + (j_all - item_start[item_e]) * tile_m  # and its first row
 
     def run(j, out):
         e, r0 = item_e[j], item_r0[j]
         rows = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile_m)  # [tile, D]
-        valid = r0 + jnp.arange(tile_m) < ends[e]
         a, b, c = view.one(e)  # one expert's weights (dequantized below when quantized)
         rows_a = activation(rows, a)
         gate = jnp.dot(rows_a, weight(a, x.dtype), preferred_element_type=F32)
         up = jnp.dot(rows_a, weight(b, x.dtype), preferred_element_type=F32)
         h = activation((jax.nn.silu(gate) * up).astype(x.dtype), c)
         y = jnp.dot(h, weight(c, x.dtype), preferred_element_type=F32)
-        cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
-        return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(valid[:, None], y, 0.0), r0, 0)
+        # written, not added: a tile running past its expert's rows writes into the next experts' rows, which
+        # their own items, later in the loop, overwrite; past the last expert, the rows are zeroed below
+        return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
 
     out = jnp.zeros((m + tile_m, d), F32)
     if differentiable:
@@ -156,7 +160,7 @@ def grouped_swiglu(x: jax.Array, view: ExpertView, group_sizes: jax.Array, tile_
                                 lambda j, o: jax.lax.cond(j < total, run, lambda j, o: o, j, o), out)
     else:
         out = jax.lax.while_loop(lambda s: s[0] < total, lambda s: (s[0] + 1, run(*s)), (jnp.int32(0), out))[1]
-    return out[:m]
+    return jnp.where((jnp.arange(m) < total_rows)[:, None], out[:m], 0.0)
 
 
 def _tile_rows(rows: int, n_exp: int, tokens: int) -> int:

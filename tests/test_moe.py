@@ -105,17 +105,26 @@ def test_pairs_of_other_devices_contribute_nothing(moe_params):
 
 
 def test_grouped_swiglu_handles_empty_and_ragged_groups(moe_params):
+    """Tiles of 8 rows over ragged groups: a tile running past its expert's rows writes into the next experts'
+    rows, which their own tiles overwrite; the rows past the groups (another device's pairs) come back as zeros.
+    The twin: the same rows split one row differently between two experts must not match."""
     rng = np.random.default_rng(1)
     sizes = np.array([0, 5, 0, 0, 17, 1, 0, 8, 0, 0, 0, 33, 0, 0, 2, 0])
-    x = jnp.asarray(rng.standard_normal((sizes.sum(), TINY.hidden_size)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((sizes.sum() + 6, TINY.hidden_size)), jnp.float32)
     p = moe_params
     got = grouped_swiglu(x, _view(p), jnp.asarray(sizes), tile_m=8)
-    want, start = [], 0
-    for e, n in enumerate(sizes):
-        rows = x[start:start + n]
-        want.append((jax.nn.silu(rows @ p.we1[e]) * (rows @ p.we3[e])) @ p.we2[e])
-        start += n
-    np.testing.assert_allclose(got, jnp.concatenate(want), atol=OP_ATOL["float32"], rtol=1e-5)
+
+    def reference(sizes):
+        want, start = [], 0
+        for e, n in enumerate(sizes):
+            rows = x[start:start + n]
+            want.append((jax.nn.silu(rows @ p.we1[e]) * (rows @ p.we3[e])) @ p.we2[e])
+            start += n
+        return jnp.concatenate(want + [jnp.zeros((x.shape[0] - start, x.shape[1]))])
+    np.testing.assert_allclose(got, reference(sizes), atol=OP_ATOL["float32"], rtol=1e-5)
+    wrong = sizes.copy()
+    wrong[4], wrong[5] = 16, 2
+    assert not np.allclose(got, reference(wrong), atol=OP_ATOL["float32"], rtol=1e-5)
 
 
 def test_moe_layer_plans_agree(moe_params):
