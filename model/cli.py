@@ -298,9 +298,6 @@ def generate_main(argv=None):
         ap.error(f"--slots must be >= 1, got {args.slots}")
     if args.speculative and args.backend != "xla":
         ap.error("--speculative runs on --backend xla (the pallas decode kernel verifies one token per step)")
-    if args.prompt_file and args.backend != "xla":
-        ap.error("--prompt-file runs through the engine, whose chunked prefill reads the cache with the xla "
-                 "attention: use --backend xla")
     requests = None
     if args.prompt_file:
         try:

@@ -195,9 +195,10 @@ class Engine:
     prefill call; prefill_tokens: prompt tokens one step may prefill (chunks of that many requests at once, at
     least one); decode_steps: tokens each slot decodes per step, in one call and one read of the results (the
     host's round trip paid once for them; a request admitted meanwhile waits for the next step; tokens past a
-    request's stop are dropped); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`); kv_scale: an
-    FP8 cache's scales, as for `generate`; mtp: draft with the MTP module and verify every step (module
-    docstring)."""
+    request's stop are dropped); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`; with
+    attention="pallas" the decode steps run the decode kernel, which reads each slot's cache only up to its
+    length, and the prompt chunks the xla attention); kv_scale: an FP8 cache's scales, as for `generate`; mtp:
+    draft with the MTP module and verify every step (module docstring)."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
                  prefill_tokens: int = 1024, decode_steps: int = 1, plan: ExecutionPlan | None = None,
@@ -213,13 +214,20 @@ class Engine:
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
-        if plan.attention != "xla":
-            raise ValueError("the engine prefills chunks through the cache-reading attention of the xla plan; "
-                             "use attention='xla'")
+        if plan.attention == "pallas":  # the decode kernel: one token per sequence, the cache in 16-slot tiles
+            if mtp:
+                raise ValueError("mtp=True verifies two tokens per step, which the pallas decode kernel does not: "
+                                 "use attention='xla'")
+            if max_len % 16:
+                raise ValueError(f"the pallas decode kernel reads the cache in tiles of 16 positions: max_len must "
+                                 f"be a multiple of 16, got {max_len}")
         plan.check("decode", tokens=slots)
         if plan.mesh is not None:
             check_divisible(cfg, plan.mesh, plan.rules, batch=slots)
         self.params, self.cfg, self.plan, self.chunk = params, cfg, plan, chunk
+        # prompt chunks run through the cache-reading xla attention (many tokens per sequence); the decode steps
+        # through the plan's, the pallas kernel included, which reads each slot's cache up to its length
+        self.prefill_plan = dataclasses.replace(plan, attention="xla")
         self.slots, self.max_len = slots, max_len
         self.prefill_rows = min(slots, max(1, prefill_tokens // chunk))
         self.decode_steps = decode_steps
@@ -324,10 +332,10 @@ class Engine:
         if self.mtp is not None:
             tok, finite, self.cache, self.mtp, self._draft, self._q = _prefill_chunk_mtp(
                 self.params, self.cache, self.mtp, self._draft, self._q, slots, tokens, nxt, start, last,
-                final.astype(bool), *self._params(rows), cfg=self.cfg, plan=self.plan)
+                final.astype(bool), *self._params(rows), cfg=self.cfg, plan=self.prefill_plan)
         else:
             tok, finite, self.cache = _prefill_chunk(self.params, self.cache, slots, tokens, start, last,
-                                                     *self._params(rows), cfg=self.cfg, plan=self.plan)
+                                                     *self._params(rows), cfg=self.cfg, plan=self.prefill_plan)
         tok, finite = np.asarray(tok), np.asarray(finite)
         for i, r in enumerate(reqs):
             r.prefilled += int(last[i]) + 1

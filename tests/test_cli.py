@@ -77,9 +77,7 @@ def test_bad_prompt_files_are_named(tmp_path, capsys):
                           (["--prompt-file", str(own2)], "request 0: top_p must lie in (0, 1], got 2"),
                           (["--prompt-file", str(own3)], 'line 1: "stop" must be a list of strings, got \'x\''),
                           (["--json"], "--json goes with --prompt-file"),
-                          (["--prompt-file", str(empty), "--slots", "0"], "--slots must be >= 1, got 0"),
-                          (["--prompt-file", str(empty), "--backend", "pallas"],
-                           "--prompt-file runs through the engine")):
+                          (["--prompt-file", str(empty), "--slots", "0"], "--slots must be >= 1, got 0")):
         with pytest.raises(SystemExit) as e:
             generate_main(argv)
         err = capsys.readouterr().err

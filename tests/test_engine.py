@@ -163,6 +163,31 @@ def test_the_engine_on_a_mesh(bundled):
         Engine(params, cfg, slots=3, max_len=MAX_LEN, chunk=CHUNK, plan=plan)
 
 
+def test_pallas_decode_attention(bundled, monkeypatch):
+    """attention="pallas": the decode steps run the decode kernel (interpret mode here), the prompt chunks the xla
+    attention; the same greedy tokens as the xla plan. Refused with MTP's two-token verify step, and for a cache
+    the kernel's 16-slot tiles do not divide."""
+    import model.mla
+    from model import ExecutionPlan
+    params, cfg, prompts, eos = bundled
+    traced = []  # the kernel traced into the decode program
+    kernel = model.mla.decode_attention
+    monkeypatch.setattr(model.mla, "decode_attention", lambda *a: traced.append(a[0].shape) or kernel(*a))
+    out = {}
+    for attention in ("xla", "pallas"):
+        engine = Engine(params, cfg, slots=2, max_len=48, chunk=CHUNK, plan=ExecutionPlan(attention=attention))
+        reqs = [engine.submit(prompts[i], max_new_tokens=5, stop_tokens=[eos], request_id=i) for i in (1, 3)]
+        engine.run()
+        out[attention] = [r.tokens for r in reqs]
+    assert out["pallas"] == out["xla"] and all(len(t) == 5 for t in out["xla"])
+    assert traced and all(shape[0] == 2 for shape in traced)  # q [slots, heads, C]: the decode steps
+    pallas = ExecutionPlan(attention="pallas")
+    with pytest.raises(ValueError, match="mtp=True verifies two tokens per step"):
+        Engine(params, cfg, slots=2, max_len=48, chunk=CHUNK, plan=pallas, mtp=True)
+    with pytest.raises(ValueError, match="max_len must be a multiple of 16, got 40"):
+        Engine(params, cfg, slots=2, max_len=40, chunk=8, plan=pallas)
+
+
 def test_the_benchmark_command(tmp_path, capsys):
     """scripts/benchmark.py on the bundled model: a small load at two concurrencies with two decode steps per call
     writes one row each, every request's tokens counted; --mtp with several decode steps is a usage error."""
