@@ -35,7 +35,6 @@ from model.train.evaluate import MIN_TEXT_BYTES, evaluate, format_table
 from model.train.quant_eval import calibration_sequences
 from quant.recipes import get_recipe
 from sharding.mesh import make_mesh
-from sharding.rules import mesh_size
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "checkpoint"
 DEFAULT_PROMPT = "Return the number of"
@@ -378,16 +377,10 @@ def _generate_requests(ap, args, requests, all_ids, params, cfg, tok, kv_scale, 
     to its last token, compilation included for the first ones). A request whose logits turn non-finite is
     reported by its id (exit status 1) after the others are printed."""
     todo = [i for i, r in enumerate(requests) if r["settings"][1] > 0]
-    need = max((len(all_ids[i]) + requests[i]["settings"][1] for i in todo), default=1)
-    chunk = 64
-    slots = min(args.slots, max(len(todo), 1))
-    if plan.mesh is not None:  # every decode step's batch is split over the mesh's batch axes
-        per = mesh_size(plan.mesh, plan.rules.axes("batch"))
-        slots = -(-slots // per) * per
     t0 = time.perf_counter()
     try:
-        engine = Engine(params, cfg, slots=slots, max_len=-(-need // chunk) * chunk, chunk=chunk, plan=plan,
-                        kv_scale=kv_scale, mtp=args.speculative)
+        engine = Engine.for_requests(params, cfg, [len(all_ids[i]) + requests[i]["settings"][1] for i in todo],
+                                     slots=args.slots, plan=plan, kv_scale=kv_scale, mtp=args.speculative)
     except ValueError as e:
         ap.error(str(e))
     reqs = {}
@@ -419,8 +412,9 @@ def _generate_requests(ap, args, requests, all_ids, params, cfg, tok, kv_scale, 
     total = sum(len(q.tokens) for q in reqs.values())
     drafted, accepted = sum(q.drafted for q in reqs.values()), sum(q.accepted for q in reqs.values())
     mtp = f", MTP drafts accepted {accepted}/{drafted}" if args.speculative else ""
-    print(f"[requests {len(requests)} through the engine ({slots} slot{'s' * (slots > 1)}), new tokens {total}, "
-          f"{seconds:.2f} s with compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
+    slots = f"{engine.slots} slot{'s' * (engine.slots > 1)}"
+    print(f"[requests {len(requests)} through the engine ({slots}), new tokens {total}, {seconds:.2f} s with "
+          f"compilation, {total / max(seconds, 1e-9):.1f} tokens/s{mtp}]", file=sys.stderr)
     if failed:
         ap.exit(1, f"{ap.prog}: error: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
                 + "\n")

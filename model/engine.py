@@ -45,6 +45,7 @@ from model.params import Params
 from model.placement import check_divisible, shard_cache
 from model.plan import ExecutionPlan
 from model.sampling import SamplingParams, row_keys, sample_rows, stream_keys
+from sharding.rules import mesh_size
 
 
 @dataclasses.dataclass(eq=False)
@@ -247,6 +248,20 @@ class Engine:
         self._ids = itertools.count()
         self._slot_params = None  # the slots' sampling parameters on the device, rebuilt when the slots change
         self.steps = 0
+
+    @classmethod
+    def for_requests(cls, params: Params, cfg: Config, positions: Sequence[int], *, slots: int, chunk: int = 64,
+                     plan: ExecutionPlan | None = None, **kwargs) -> Engine:
+        """An engine sized for a known set of requests, each needing `positions` cache positions (prompt + new
+        tokens): max_len the most of them, rounded up to `chunk`; at most `slots` slots, no more than there are
+        requests, rounded up to a multiple of the plan's mesh batch axes. Other arguments as for the engine."""
+        plan = ExecutionPlan.build(plan)
+        n = min(slots, max(len(positions), 1))
+        if plan.mesh is not None:  # every decode step's batch is split over the mesh's batch axes
+            per = mesh_size(plan.mesh, plan.rules.axes("batch"))
+            n = -(-n // per) * per
+        need = max(positions, default=1)
+        return cls(params, cfg, slots=n, max_len=-(-need // chunk) * chunk, chunk=chunk, plan=plan, **kwargs)
 
     # ---- requests ----------------------------------------------------------------------------------------------
 

@@ -176,10 +176,8 @@ class HarnessModel:
             todo.append((ids, n, sampling, until))
         if not todo:
             return []
-        chunk = 64
-        need = max(len(ids) + n for ids, n, _, _ in todo)
-        engine = Engine(self.params, self.cfg, slots=self.batch_size, max_len=-(-need // chunk) * chunk,
-                        chunk=chunk, plan=self.plan, kv_scale=self.kv_scale)
+        engine = Engine.for_requests(self.params, self.cfg, [len(ids) + n for ids, n, _, _ in todo],
+                                     slots=self.batch_size, plan=self.plan, kv_scale=self.kv_scale)
         eos = self.tok.eos_id
         reqs = [engine.submit(ids, max_new_tokens=n, sampling=sp, stop_tokens=[eos], request_id=i,
                               on_token=halt_at_stop(self.tok, until)) for i, (ids, n, sp, until) in enumerate(todo)]
