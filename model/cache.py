@@ -4,7 +4,9 @@ Layout: c_kv [L, B, S, C], k_pe [L, B, S, R], lengths [B] (tokens already writte
 that is 61 x (512 + 64) values per token: 70,272 bytes in bf16, against ~5 MB for a full multi-head K/V cache.
 The layer scan carries the whole cache; each layer writes its new entries into these buffers in place and its
 attention reads its slice (`layer_view`), a `Cache` of the same class: c_kv [B, S, C], k_pe [B, S, R],
-kv_scale [2].
+kv_scale [2]. `span`, a static bound set by a caller that knows the lengths on the host (the engine), cuts that
+slice to the first `span` positions: a program whose sequences are short reads, and attends over, only those, not
+the whole `max_len`.
 
 An FP8 cache holds E4M3 codes of value / scale, two per 16-bit word (quant.formats.pack_bytes: c_kv [..., C/2]
 and k_pe [..., R/2] uint16, so the decode kernel indexes it without wrapping offsets, pallas_kernels/common.py),
@@ -27,6 +29,9 @@ class Cache:
     k_pe: jax.Array  # [L, B, S, R] (a layer's slice: [B, S, R]); FP8: uint16 words [..., R/2]
     lengths: jax.Array  # [B] int32
     kv_scale: jax.Array | None = None  # [L, 2] float32 (c_kv, k_pe) when the cache is FP8 E4M3, else None
+    # positions the attention reads (static: one program per value); every position a query attends must lie
+    # below it, which the caller guarantees; None: all of max_len
+    span: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def fp8(self) -> bool:
@@ -80,11 +85,12 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, kv_scale=No
 
 def layer_view(cache: Cache, layer) -> Cache:
     """Layer `layer` (an int or a traced index) of a stack's cache, as the attention reads it: c_kv [B, S, C],
-    k_pe [B, S, R], kv_scale [2]."""
+    k_pe [B, S, R], kv_scale [2]; S = the cache's span when it has one (the slice is all that is read)."""
     def take(a):
-        return jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+        return jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)[:, :cache.span]
     return Cache(c_kv=take(cache.c_kv), k_pe=take(cache.k_pe), lengths=cache.lengths,
-                 kv_scale=None if cache.kv_scale is None else take(cache.kv_scale))
+                 kv_scale=None if cache.kv_scale is None else
+                 jax.lax.dynamic_index_in_dim(cache.kv_scale, layer, 0, keepdims=False), span=cache.span)
 
 
 def kv_store(x: jax.Array, kv_scale, which: int) -> jax.Array:

@@ -12,7 +12,9 @@ each of the oldest prefilling requests (as many as `prefill_tokens` allows) runs
 slots in one call (the cache-reading form of attention, at the chunks' positions, `forward` in the decode phase);
 then every decoding slot advances by one token in one batched decode step (or by `decode_steps` tokens in one
 call), each sampling with its own parameters and keys. The host reads the new tokens each step (for stop tokens,
-limits and callbacks).
+limits and callbacks). Each call reads the cache only as far as its sequences reach: the shortest of the engine's
+`spans` that holds their positions (a static bound, `Cache.span`; one program per length), so a large `max_len`
+costs nothing until requests use it.
 
 With mtp=True each decode step is a verify step, as `generate(..., speculative=True)` runs it: every slot feeds its
 pending token and its MTP draft through the main model, keeps one token or two, and the MTP layer (with its own
@@ -87,17 +89,26 @@ class Request:
 
 
 def _slot_view(cache, slots):
-    """The cache rows of `slots` [K] (a slot may repeat: a padding row)."""
+    """The cache rows of `slots` [K] (a slot may repeat: a padding row), their first `cache.span` positions."""
     def rows(a):
-        return jnp.take(a, slots, axis=1)
+        return jnp.take(a[:, :, :cache.span], slots, axis=1)
     return cache.replace(c_kv=rows(cache.c_kv), k_pe=rows(cache.k_pe), lengths=cache.lengths[slots])
 
 
 def _slot_write(cache, part, slots):
-    """`part`'s rows written back into the cache rows of `slots` (a repeated slot carries the same row)."""
+    """`part`'s rows (its positions) written back into the cache rows of `slots` (a repeated slot carries the same
+    row)."""
     def put(a, b):
-        return a.at[:, slots].set(b)
+        return a.at[:, slots, :b.shape[2]].set(b)
     return cache.replace(c_kv=put(cache.c_kv, part.c_kv), k_pe=put(cache.k_pe, part.k_pe))
+
+
+def span_ladder(chunk: int, max_len: int) -> tuple[int, ...]:
+    """The read lengths an engine compiles for: chunk, 2 chunk, 4 chunk, ... below max_len, then max_len. A call
+    reads the shortest that covers its sequences: at most twice what they hold (or one chunk), one program per
+    length and row count."""
+    spans = [chunk << k for k in range(max_len.bit_length()) if chunk << k < max_len]
+    return (*spans, max_len)
 
 
 def _prefill_rows(params, cache, slots, tokens, start, last, sampling, cfg, plan):
@@ -199,11 +210,14 @@ class Engine:
     request's stop are dropped); plan: an ExecutionPlan (a mesh whose batch axes divide `slots`; with
     attention="pallas" the decode steps run the decode kernel, which reads each slot's cache only up to its
     length, and the prompt chunks the xla attention); kv_scale: an FP8 cache's scales, as for `generate`; mtp:
-    draft with the MTP module and verify every step (module docstring)."""
+    draft with the MTP module and verify every step (module docstring); spans: the cache read lengths programs are
+    compiled for, increasing and ending at max_len (default `span_ladder`: chunk, 2 chunk, 4 chunk, ...): each
+    call reads, and attends over, the shortest that holds its sequences' positions, so short requests cost what
+    their lengths do whatever max_len is; (max_len,) compiles one program of each kind, reading the whole cache."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
                  prefill_tokens: int = 1024, decode_steps: int = 1, plan: ExecutionPlan | None = None,
-                 kv_scale=None, mtp: bool = False):
+                 kv_scale=None, mtp: bool = False, spans: Sequence[int] | None = None):
         plan = ExecutionPlan.build(plan)
         if mtp and params.mtp is None:
             raise ValueError("mtp=True drafts with the MTP module: these parameters have none")
@@ -215,6 +229,9 @@ class Engine:
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
+        if spans is not None and (not all(isinstance(x, int | np.integer) and x >= 1 for x in spans) or
+                                  list(spans) != sorted(set(spans)) or spans[-1] != max_len):
+            raise ValueError(f"spans must be increasing read lengths ending at max_len={max_len}, got {spans!r}")
         if plan.attention == "pallas":  # the decode kernel: one token per sequence, the cache in 16-slot tiles
             if mtp:
                 raise ValueError("mtp=True verifies two tokens per step, which the pallas decode kernel does not: "
@@ -230,6 +247,7 @@ class Engine:
         # through the plan's, the pallas kernel included, which reads each slot's cache up to its length
         self.prefill_plan = dataclasses.replace(plan, attention="xla")
         self.slots, self.max_len = slots, max_len
+        self.spans = span_ladder(chunk, max_len) if spans is None else tuple(int(x) for x in spans)
         self.prefill_rows = min(slots, max(1, prefill_tokens // chunk))
         self.decode_steps = decode_steps
         cache = init_cache(cfg, slots, max_len, kv_scale=kv_scale)
@@ -344,12 +362,14 @@ class Engine:
             after = r.prompt[s + 1:s + 1 + self.chunk]
             nxt[i, :len(after)] = after
             last[i], final[i], slots[i] = len(piece) - 1, s + len(piece) == len(r.prompt), r.slot
+        span = self._span(int(start.max()) + self.chunk)  # every chunk position is written, the last read
+        cache = self.cache.replace(span=span)
         if self.mtp is not None:
             tok, finite, self.cache, self.mtp, self._draft, self._q = _prefill_chunk_mtp(
-                self.params, self.cache, self.mtp, self._draft, self._q, slots, tokens, nxt, start, last,
-                final.astype(bool), *self._params(rows), cfg=self.cfg, plan=self.prefill_plan)
+                self.params, cache, self.mtp.replace(span=span), self._draft, self._q, slots, tokens, nxt, start,
+                last, final.astype(bool), *self._params(rows), cfg=self.cfg, plan=self.prefill_plan)
         else:
-            tok, finite, self.cache = _prefill_chunk(self.params, self.cache, slots, tokens, start, last,
+            tok, finite, self.cache = _prefill_chunk(self.params, cache, slots, tokens, start, last,
                                                      *self._params(rows), cfg=self.cfg, plan=self.prefill_plan)
         tok, finite = np.asarray(tok), np.asarray(finite)
         for i, r in enumerate(reqs):
@@ -366,9 +386,17 @@ class Engine:
         for i, r in enumerate(rows):
             if r is not None:
                 host[:, i] = r.tokens[-1], len(r.tokens), r.max_new_tokens - len(r.tokens)
+        # the positions this call's live queries read: each slot's cache holds prompt + tokens - 1 (the last token
+        # is fed now); a verify step feeds two tokens, a decode step one a step while the slot has budget left
+        span = self._span(max(len(r.prompt) + len(r.tokens) - 1 + (
+            2 if self.mtp is not None else min(self.decode_steps, r.max_new_tokens - len(r.tokens)))
+            for r in decoding))
+        if self.plan.attention == "pallas":
+            span = None  # the decode kernel reads each slot's cache up to its length itself
+        cache = self.cache.replace(span=span)
         if self.mtp is not None:
             out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
-                self.params, self.cache, self.mtp, self._draft, self._q, host, *self._slot_params,
+                self.params, cache, self.mtp.replace(span=span), self._draft, self._q, host, *self._slot_params,
                 cfg=self.cfg, plan=self.plan)
             for r, (t1, t2, ok, fin) in zip(rows, np.asarray(out).T):
                 if r is not None:
@@ -377,13 +405,17 @@ class Engine:
                     if ok and not r.done:
                         self._emit(r, int(t2), True)
             return
-        nxt, finite, self.cache = _decode_slots(self.params, self.cache, host, *self._slot_params,
+        nxt, finite, self.cache = _decode_slots(self.params, cache, host, *self._slot_params,
                                                 cfg=self.cfg, plan=self.plan, n=self.decode_steps)
         nxt, finite = np.asarray(nxt), np.asarray(finite)
         for step_tokens, step_finite in zip(nxt, finite):  # in order, as that many single steps would emit them
             for r, t, ok in zip(rows, step_tokens, step_finite):
                 if r is not None and not r.done:
                     self._emit(r, int(t), bool(ok))
+
+    def _span(self, need: int) -> int:
+        """The shortest of the engine's read lengths that holds `need` positions."""
+        return next(s for s in self.spans if s >= need)
 
     def _emit(self, r: Request, tok: int, finite: bool) -> None:
         now = time.perf_counter()

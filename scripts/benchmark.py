@@ -7,6 +7,7 @@ concurrency, and gives the ratio.
     python scripts/benchmark.py --mtp                               # the bundled model, concurrency 1..16
     python scripts/benchmark.py --preset small --input-len 128 --output-len 64 --concurrency 1 4
     python scripts/benchmark.py --hf --input-len 64 --output-len 64 --json docs/benchmark.json --plot docs/benchmark.png
+    python scripts/benchmark.py --input-len 64 --output-len 64 --concurrency 16 --max-len 1024   # a server's cache
 """
 
 import json
@@ -62,6 +63,10 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead of a closed loop; "
                     "--concurrency then sets the engine's slots")
     ap.add_argument("--chunk", type=int, default=64, help="prompt tokens per prefill call")
+    ap.add_argument("--max-len", type=int, default=None, help="cache positions per slot, a multiple of --chunk "
+                    "(default: the load's longest request, rounded up to it)")
+    ap.add_argument("--whole-cache", action="store_true", help="every call reads all --max-len positions "
+                    "(Engine(spans=(max_len,))), as the engine did before it read only as far as its requests reach")
     ap.add_argument("--decode-steps", type=int, default=1, help="tokens each slot decodes per engine step (one "
                     "call and one read of the results; not with --mtp)")
     ap.add_argument("--mtp", action="store_true", help="each concurrency also with MTP drafts verified every step "
@@ -99,13 +104,16 @@ def main(argv=None):
         name = "the bundled model" if Path(args.checkpoint) == BUNDLED_CHECKPOINT else args.checkpoint
     items = load.items(cfg.vocab_size)
     need = max(len(p) + n for p, n in items)
-    max_len = -(-need // args.chunk) * args.chunk
+    max_len = args.max_len or -(-need // args.chunk) * args.chunk
+    if max_len < need or max_len % args.chunk:
+        ap.error(f"--max-len {max_len} must hold the longest request ({need} positions) and be a multiple of "
+                 f"--chunk {args.chunk}")
     if args.mtp and (hf is not None or params.mtp is None):
         ap.error("--mtp needs a checkpoint with an MTP module (not --hf or --preset)")
     rows = []
     for c, mtp in ((c, m) for c in args.concurrency for m in ((False, True) if args.mtp else (False,))):
         engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp,
-                        decode_steps=args.decode_steps)
+                        decode_steps=args.decode_steps, spans=(max_len,) if args.whole_cache else None)
         for k in (1 << i for i in range(c.bit_length())):  # compiles the prefill of 1, 2, 4, .. requests at once
             run_load(engine, items[:k], concurrency=k)       # and the decode step
         reqs, secs = run_load(engine, items, concurrency=None if args.rate else c, rate=args.rate)
@@ -121,7 +129,9 @@ def main(argv=None):
                  f"{load.output_len[0]}-{load.output_len[1]}, " + (f"{args.rate} req/s" if args.rate else
                                                                    "closed loop"))
     steps = f", {args.decode_steps} decode steps per call" if args.decode_steps > 1 else ""
-    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk}{steps} ({machine})")
+    whole = " (each call reads all of it)" if args.whole_cache else ""
+    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk}{steps}, max_len {max_len}{whole} "
+          f"({machine})")
     print(f"{'conc':>4} {'MTP':>4} {'TTFT ms p50/p90':>17} {'TPOT ms p50/p90':>16} {'tok/s/user p50/p90':>19} "
           f"{'tok/s total':>11}" + (f" {'HF static':>9} {'ratio':>6}" if hf else ""))
     for r in rows:
@@ -133,6 +143,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "machine": machine, "load": load_text,
                                                "chunk": args.chunk, "decode_steps": args.decode_steps,
+                                               "max_len": max_len, "whole_cache": args.whole_cache,
                                                "rows": rows}, indent=2) + "\n")
     if args.plot:
         import matplotlib

@@ -114,6 +114,36 @@ def test_bad_requests_are_refused_and_the_others_run_on(bundled):
         Engine(params, cfg, slots=2, max_len=100, chunk=16)
 
 
+def test_a_call_reads_the_cache_only_up_to_its_span(bundled):
+    """Each call reads the shortest of the engine's spans that holds its positions: with NaN in every cache
+    position from 64 on (the MTP layer's cache too), requests that stay below 64 get the tokens of a clean engine,
+    plain and with MTP; read whole (spans=(max_len,)), the NaN reaches the logits and the request ends in an
+    error."""
+    import jax.numpy as jnp
+    params, cfg, prompts, eos = bundled
+
+    def run(poison, mtp=False, spans=None):
+        engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp, spans=spans)
+        for name in ("cache", "mtp") if poison else ():
+            c = getattr(engine, name)
+            if c is not None:
+                setattr(engine, name, c.replace(c_kv=c.c_kv.at[:, :, 64:].set(jnp.nan),
+                                                k_pe=c.k_pe.at[:, :, 64:].set(jnp.nan)))
+        reqs = [engine.submit(prompts[i], max_new_tokens=12, request_id=i) for i in (1, 3)]
+        engine.run()
+        assert max(len(prompts[i]) for i in (1, 3)) + 12 <= 64
+        return [(r.tokens, r.finish_reason) for r in reqs]
+
+    assert Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK).spans == (16, 32, 64, 128)
+    for mtp in (False, True):
+        clean = run(False, mtp)
+        assert run(True, mtp) == clean and {reason for _, reason in clean} == {"length"}
+    assert {reason for _, reason in run(True, spans=(MAX_LEN,))} == {"error"}
+    for spans in ((16, 64), (64, 32, 128), (0, 128)):
+        with pytest.raises(ValueError, match="spans must be increasing read lengths ending at max_len=128"):
+            Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, spans=spans)
+
+
 def test_per_row_sampling_is_the_batch_sampler():
     """The engine's sampler, one parameter set per row, equals `sample` with each row's parameters."""
     import jax
@@ -190,7 +220,8 @@ def test_pallas_decode_attention(bundled, monkeypatch):
 
 def test_the_benchmark_command(tmp_path, capsys):
     """scripts/benchmark.py on the bundled model: a small load at two concurrencies with two decode steps per call
-    writes one row each, every request's tokens counted; --mtp with several decode steps is a usage error."""
+    writes one row each, every request's tokens counted; --mtp with several decode steps, and a --max-len that does
+    not hold the load, are usage errors."""
     import importlib.util
     import json
     from pathlib import Path
@@ -202,9 +233,13 @@ def test_the_benchmark_command(tmp_path, capsys):
     bench.main(["--requests", "3", "--input-len", "5:20", "--output-len", "3:6", "--concurrency", "1", "2",
                 "--decode-steps", "2", "--json", str(out)])
     res = json.loads(out.read_text())
-    assert res["decode_steps"] == 2 and [r["concurrency"] for r in res["rows"]] == [1, 2]
+    assert res["decode_steps"] == 2 and res["max_len"] == 64 and [r["concurrency"] for r in res["rows"]] == [1, 2]
     assert all(r["requests"] == 3 and 9 <= r["output_tokens"] <= 18 for r in res["rows"])
     assert "2 decode steps per call" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         bench.main(["--mtp", "--decode-steps", "2"])
     assert e.value.code == 2 and "leave --decode-steps at 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--input-len", "64", "--output-len", "64", "--max-len", "96"])
+    assert e.value.code == 2 and "--max-len 96 must hold the longest request (128 positions)" in \
+        capsys.readouterr().err
