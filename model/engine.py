@@ -229,7 +229,8 @@ class Engine:
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
-        if spans is not None and (not all(isinstance(x, int | np.integer) and x >= 1 for x in spans) or
+        if spans is not None and (not isinstance(spans, Sequence) or not spans or
+                                  not all(isinstance(x, int | np.integer) and x >= 1 for x in spans) or
                                   list(spans) != sorted(set(spans)) or spans[-1] != max_len):
             raise ValueError(f"spans must be increasing read lengths ending at max_len={max_len}, got {spans!r}")
         if plan.attention == "pallas":  # the decode kernel: one token per sequence, the cache in 16-slot tiles

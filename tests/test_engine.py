@@ -139,7 +139,7 @@ def test_a_call_reads_the_cache_only_up_to_its_span(bundled):
         clean = run(False, mtp)
         assert run(True, mtp) == clean and {reason for _, reason in clean} == {"length"}
     assert {reason for _, reason in run(True, spans=(MAX_LEN,))} == {"error"}
-    for spans in ((16, 64), (64, 32, 128), (0, 128)):
+    for spans in ((16, 64), (64, 32, 128), (0, 128), 128, ()):
         with pytest.raises(ValueError, match="spans must be increasing read lengths ending at max_len=128"):
             Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, spans=spans)
 
