@@ -75,4 +75,4 @@ def shard_params(params: Params, cfg: Config, mesh, rules: ShardingRules = Shard
 
 def shard_cache(cache: Cache, mesh, rules: ShardingRules = ShardingRules()) -> Cache:
     rules.check_mesh(mesh)
-    return place_by_specs(cache, cache_specs(rules, fp8=cache.kv_scale is not None), mesh)
+    return place_by_specs(cache, cache_specs(rules, fp8=cache.kv_scale is not None).replace(span=cache.span), mesh)

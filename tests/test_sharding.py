@@ -112,3 +112,4 @@ def test_decode_on_a_mesh_places_the_cache_by_the_rules(params):
     _, cache = decode_step(sp, cache, np.array([1, 2]), cfg=CFG, mesh=mesh)
     assert cache.c_kv.addressable_shards[0].data.shape[1] == 1  # [L, B/2, S, C]
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 4])
+    assert shard_cache(init_cache(CFG, 2, 16).replace(span=8), mesh).span == 8  # the read bound travels with it
