@@ -184,7 +184,8 @@ def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, check: boo
 
     Returns logits [B, V] float32 and the cache with each length advanced by one (and with routing=True the
     router's choice, a `Routed` [Lm, B, 1, X], as for `prefill`). With check=True the token ids
-    and the cache capacity are verified on the host first (a small device->host read of the lengths).
+    and the cache capacity (and its span, when it has one: `Cache.span`) are verified on the host first (a small
+    device->host read of the lengths).
     plan / backend / mesh: as for `prefill`.
     """
     plan = ExecutionPlan.build(plan, backend=backend, mesh=mesh)
@@ -192,8 +193,12 @@ def decode_step(params: Params, cache: Cache, tokens, *, cfg: Config, check: boo
         tok = check_tokens(cfg, tokens)
         if tok.shape != (cache.batch,):
             raise ValueError(f"tokens must be [B]={cache.batch}, got shape {tok.shape}")
-        if int(np.max(np.asarray(cache.lengths))) >= cache.max_len:
+        n = int(np.max(np.asarray(cache.lengths)))
+        if n >= cache.max_len:
             raise ValueError(f"the cache is full ({cache.max_len} tokens); allocate a longer one")
+        if cache.span is not None and not n < cache.span <= cache.max_len:
+            raise ValueError(f"the cache's span {cache.span} must hold position {n}, which this step reads, and lie "
+                             f"within the cache ({cache.max_len} positions)")
     plan.check("decode", tokens=cache.batch)
     if plan.attention == "pallas" and cache.max_len % 16:
         raise ValueError(f"the pallas decode kernel reads the cache in tiles of 16 positions: allocate a cache "

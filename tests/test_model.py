@@ -136,6 +136,10 @@ def test_bad_inputs_raise_before_compiling(params, monkeypatch):
         prefill(params, cache, np.ones((1, 4), np.int32), np.array([0]), cfg=CFG)
     with pytest.raises(ValueError, match="out of the vocabulary"):
         decode_step(params, cache, np.array([600]), cfg=CFG)
+    for span, n in ((4, 4), (32, 0)):  # a read bound short of the step's position, or past the cache
+        with pytest.raises(ValueError, match=f"the cache's span {span} must hold position {n}, which this step "
+                                             f"reads, and lie within the cache \\(16 positions\\)"):
+            decode_step(params, cache.replace(span=span, lengths=np.array([n], np.int32)), np.array([5]), cfg=CFG)
 
 
 def test_max_new_tokens_zero_and_full_cache(params):
