@@ -14,7 +14,7 @@ then every decoding slot advances by one token in one batched decode step (or by
 call), each sampling with its own parameters and keys. The host reads the new tokens each step (for stop tokens,
 limits and callbacks). Each call reads the cache only as far as its sequences reach: the shortest of the engine's
 `spans` that holds their positions (a static bound, `Cache.span`; one program per length), so a large `max_len`
-costs nothing until requests use it.
+costs little until requests use it.
 
 With mtp=True each decode step is a verify step, as `generate(..., speculative=True)` runs it: every slot feeds its
 pending token and its MTP draft through the main model, keeps one token or two, and the MTP layer (with its own
@@ -103,12 +103,30 @@ def _slot_write(cache, part, slots):
     return cache.replace(c_kv=put(cache.c_kv, part.c_kv), k_pe=put(cache.k_pe, part.k_pe))
 
 
-def span_ladder(chunk: int, max_len: int) -> tuple[int, ...]:
-    """The read lengths an engine compiles for: chunk, 2 chunk, 4 chunk, ... below max_len, then max_len. A call
-    reads the shortest that covers its sequences: at most twice what they hold (or one chunk), one program per
-    length and row count."""
-    spans = [chunk << k for k in range(max_len.bit_length()) if chunk << k < max_len]
-    return (*spans, max_len)
+SPAN_LEAST, SPAN_MOST = 128, 4  # shorter reads save little; every read length is one more compiled program
+
+
+def span_ladder(chunk: int, max_len: int, least: int = SPAN_LEAST, most: int = SPAN_MOST) -> tuple[int, ...]:
+    """The read lengths an engine compiles for by default: max_len, max_len / 2, max_len / 4, ... (each rounded up
+    to a multiple of chunk), at most `most` of them and none below `least`. A call reads the shortest that covers
+    its sequences: at most about twice what they hold past the shortest, one program per length and row count.
+    Shorter reads save little (a 16-slot step over 128 positions against 64 is a few % on a CPU) and each length
+    costs a compile, which for a large model on a GPU is the expensive part."""
+    spans = {max_len}
+    for k in range(1, most):
+        s = -(-(max_len >> k) // chunk) * chunk
+        if s < least or s < chunk:
+            break
+        spans.add(s)
+    return tuple(sorted(spans))
+
+
+def check_spans(spans: Sequence[int] | None, max_len: int) -> None:
+    """Refuse read lengths that are not increasing positive integers ending at max_len (None: the default)."""
+    if spans is not None and (not isinstance(spans, Sequence) or not spans or
+                              not all(isinstance(x, int | np.integer) and x >= 1 for x in spans) or
+                              list(spans) != sorted(set(spans)) or spans[-1] != max_len):
+        raise ValueError(f"spans must be increasing read lengths ending at max_len={max_len}, got {spans!r}")
 
 
 def _prefill_rows(params, cache, slots, tokens, start, last, sampling, cfg, plan):
@@ -211,9 +229,10 @@ class Engine:
     attention="pallas" the decode steps run the decode kernel, which reads each slot's cache only up to its
     length, and the prompt chunks the xla attention); kv_scale: an FP8 cache's scales, as for `generate`; mtp:
     draft with the MTP module and verify every step (module docstring); spans: the cache read lengths programs are
-    compiled for, increasing and ending at max_len (default `span_ladder`: chunk, 2 chunk, 4 chunk, ...): each
-    call reads, and attends over, the shortest that holds its sequences' positions, so short requests cost what
-    their lengths do whatever max_len is; (max_len,) compiles one program of each kind, reading the whole cache."""
+    compiled for, increasing and ending at max_len (default `span_ladder`: max_len, max_len / 2, ... down to 128
+    positions, four at most): each call reads, and attends over, the shortest that holds its sequences'
+    positions, so short requests cost about what their lengths do whatever max_len is; (max_len,) compiles one
+    program of each kind, reading the whole cache."""
 
     def __init__(self, params: Params, cfg: Config, *, slots: int, max_len: int, chunk: int = 64,
                  prefill_tokens: int = 1024, decode_steps: int = 1, plan: ExecutionPlan | None = None,
@@ -229,10 +248,7 @@ class Engine:
         if max_len % chunk:
             raise ValueError(f"max_len ({max_len}) must be a multiple of chunk ({chunk}): a last partial chunk "
                              f"writes a whole chunk of positions")
-        if spans is not None and (not isinstance(spans, Sequence) or not spans or
-                                  not all(isinstance(x, int | np.integer) and x >= 1 for x in spans) or
-                                  list(spans) != sorted(set(spans)) or spans[-1] != max_len):
-            raise ValueError(f"spans must be increasing read lengths ending at max_len={max_len}, got {spans!r}")
+        check_spans(spans, max_len)
         if plan.attention == "pallas":  # the decode kernel: one token per sequence, the cache in 16-slot tiles
             if mtp:
                 raise ValueError("mtp=True verifies two tokens per step, which the pallas decode kernel does not: "

@@ -8,6 +8,7 @@ concurrency, and gives the ratio.
     python scripts/benchmark.py --preset small --input-len 128 --output-len 64 --concurrency 1 4
     python scripts/benchmark.py --hf --input-len 64 --output-len 64 --json docs/benchmark.json --plot docs/benchmark.png
     python scripts/benchmark.py --input-len 64 --output-len 64 --concurrency 16 --max-len 1024   # a server's cache
+    python scripts/benchmark.py --input-len 64 --output-len 64 --concurrency 16 --max-len 1024 --spans 1024
 """
 
 import json
@@ -27,7 +28,7 @@ import numpy as np
 from model import command, init
 from model.cli import BUNDLED_CHECKPOINT, load_any
 from model.config import get_preset
-from model.engine import Engine
+from model.engine import Engine, check_spans
 from model.io.hf_checkpoint import load_hf_checkpoint
 from model.load import Load, metrics, run_load
 
@@ -65,8 +66,9 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=64, help="prompt tokens per prefill call")
     ap.add_argument("--max-len", type=int, default=None, help="cache positions per slot, a multiple of --chunk "
                     "(default: the load's longest request, rounded up to it)")
-    ap.add_argument("--whole-cache", action="store_true", help="every call reads all --max-len positions "
-                    "(Engine(spans=(max_len,))), as the engine did before it read only as far as its requests reach")
+    ap.add_argument("--spans", type=int, nargs="+", default=None, help="the engine's cache read lengths, "
+                    "increasing, ending at the cache length (default: the engine's ladder); the cache length alone: "
+                    "every call reads all of it")
     ap.add_argument("--decode-steps", type=int, default=1, help="tokens each slot decodes per engine step (one "
                     "call and one read of the results; not with --mtp)")
     ap.add_argument("--mtp", action="store_true", help="each concurrency also with MTP drafts verified every step "
@@ -85,20 +87,11 @@ def main(argv=None):
         ap.error("--concurrency, --chunk and --decode-steps must be >= 1, --rate > 0")
     if args.mtp and args.decode_steps > 1:
         ap.error("--mtp verifies one draft per step: leave --decode-steps at 1")
-    hf = None
-    if args.hf:
-        if load.input_len[0] != load.input_len[1] or load.output_len[0] != load.output_len[1]:
-            ap.error("--hf runs static batches: give fixed --input-len and --output-len")
-        from bench_util import try_hf
+    hf = params = None
+    if args.hf and (load.input_len[0] != load.input_len[1] or load.output_len[0] != load.output_len[1]):
+        ap.error("--hf runs static batches: give fixed --input-len and --output-len")
+    if args.hf or args.preset:
         cfg = get_preset(args.preset or "bundled").replace(num_nextn_predict_layers=0)
-        hf = try_hf(cfg, Path(tempfile.mkdtemp()))
-        if hf is None:
-            ap.exit(2, "benchmark: error: --hf needs torch and transformers (pip install -e '.[reference]')\n")
-        params, cfg = load_hf_checkpoint(hf.checkpoint)
-        name = f"{args.preset or 'bundled'} config, random weights (the same in both)"
-    elif args.preset:
-        cfg = get_preset(args.preset).replace(num_nextn_predict_layers=0)
-        params, name = init(cfg, jax.random.key(0), std="fan_in"), f"{args.preset}, random weights"
     else:
         params, cfg, _ = load_any(args.checkpoint)
         name = "the bundled model" if Path(args.checkpoint) == BUNDLED_CHECKPOINT else args.checkpoint
@@ -108,12 +101,25 @@ def main(argv=None):
     if max_len < need or max_len % args.chunk:
         ap.error(f"--max-len {max_len} must hold the longest request ({need} positions) and be a multiple of "
                  f"--chunk {args.chunk}")
+    try:
+        check_spans(args.spans, max_len)
+    except ValueError as e:
+        ap.error(f"--spans: {e}")
+    if args.hf:
+        from bench_util import try_hf
+        hf = try_hf(cfg, Path(tempfile.mkdtemp()))
+        if hf is None:
+            ap.exit(2, "benchmark: error: --hf needs torch and transformers (pip install -e '.[reference]')\n")
+        params, cfg = load_hf_checkpoint(hf.checkpoint)
+        name = f"{args.preset or 'bundled'} config, random weights (the same in both)"
+    elif args.preset:
+        params, name = init(cfg, jax.random.key(0), std="fan_in"), f"{args.preset}, random weights"
     if args.mtp and (hf is not None or params.mtp is None):
         ap.error("--mtp needs a checkpoint with an MTP module (not --hf or --preset)")
     rows = []
     for c, mtp in ((c, m) for c in args.concurrency for m in ((False, True) if args.mtp else (False,))):
         engine = Engine(params, cfg, slots=c, max_len=max_len, chunk=args.chunk, mtp=mtp,
-                        decode_steps=args.decode_steps, spans=(max_len,) if args.whole_cache else None)
+                        decode_steps=args.decode_steps, spans=args.spans)
         for k in (1 << i for i in range(c.bit_length())):  # compiles the prefill of 1, 2, 4, .. requests at once
             run_load(engine, items[:k], concurrency=k)       # and the decode step
         reqs, secs = run_load(engine, items, concurrency=None if args.rate else c, rate=args.rate)
@@ -129,9 +135,8 @@ def main(argv=None):
                  f"{load.output_len[0]}-{load.output_len[1]}, " + (f"{args.rate} req/s" if args.rate else
                                                                    "closed loop"))
     steps = f", {args.decode_steps} decode steps per call" if args.decode_steps > 1 else ""
-    whole = " (each call reads all of it)" if args.whole_cache else ""
-    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk}{steps}, max_len {max_len}{whole} "
-          f"({machine})")
+    print(f"serving benchmark: {name}; {load_text}; chunk {args.chunk}{steps}, max_len {max_len}, spans "
+          f"{'/'.join(map(str, engine.spans))} ({machine})")
     print(f"{'conc':>4} {'MTP':>4} {'TTFT ms p50/p90':>17} {'TPOT ms p50/p90':>16} {'tok/s/user p50/p90':>19} "
           f"{'tok/s total':>11}" + (f" {'HF static':>9} {'ratio':>6}" if hf else ""))
     for r in rows:
@@ -143,7 +148,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "machine": machine, "load": load_text,
                                                "chunk": args.chunk, "decode_steps": args.decode_steps,
-                                               "max_len": max_len, "whole_cache": args.whole_cache,
+                                               "max_len": max_len, "spans": list(engine.spans),
                                                "rows": rows}, indent=2) + "\n")
     if args.plot:
         import matplotlib

@@ -13,6 +13,7 @@ from model.engine import Engine
 TEXTS = ["Sam has 12 pens and gets 34 more. How many pens does Sam have now?\nAnswer:", "The history of the",
          "def f(x):\n    return", "import os\nimport", "Tom has 7 cards and gives 3 away. How many", "a"]
 SLOTS, MAX_LEN, CHUNK = 3, 128, 16
+SPANS = (48, 64, 128)  # finer than the default ladder (one read of all 128 here), to run the reads' bounds
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def _load(eos):
             (4, 18, SamplingParams(temperature=0.6, seed=5), 14, 9), (5, 10, SamplingParams(), 15, 20)]
 
 
-def _run(params, cfg, prompts, eos, load, log=None, mtp=False, decode_steps=1, halt=None):
-    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp, decode_steps=decode_steps)
+def _run(params, cfg, prompts, eos, load, log=None, mtp=False, decode_steps=1, halt=None, spans=None):
+    engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp, decode_steps=decode_steps,
+                    spans=spans)
     engine.prefill_batches = []  # how many requests each prefill call took (3 are padded to 4 rows)
     prefill = engine._prefill
     engine._prefill = lambda reqs: (engine.prefill_batches.append(len(reqs)), prefill(reqs))
@@ -71,7 +73,8 @@ def test_each_request_gets_what_it_gets_alone(bundled, mtp):
 
 def test_several_decode_steps_per_call_give_the_same_tokens(bundled):
     """decode_steps=3: three tokens per slot and call; requests that stop, hit their length or are halted by their
-    callback inside a call keep exactly the tokens and finish reasons of one step per call, streamed in order."""
+    callback inside a call keep exactly the tokens and finish reasons of one step per call, streamed in order, also
+    when each call reads only as far as its three steps reach (SPANS)."""
     params, cfg, prompts, eos = bundled
     load = _load(eos)
     plain, _ = _run(params, cfg, prompts, eos, load)
@@ -79,7 +82,8 @@ def test_several_decode_steps_per_call_give_the_same_tokens(bundled):
     runs = {}
     for steps in (1, 3):
         log = []
-        reqs, _ = _run(params, cfg, prompts, eos, load, log, decode_steps=steps, halt=halt)
+        reqs, _ = _run(params, cfg, prompts, eos, load, log, decode_steps=steps, halt=halt,
+                       spans=SPANS if steps == 3 else None)
         runs[steps] = {rid: (r.tokens, r.finish_reason) for rid, r in reqs.items()}
         assert all([t for rid, t in log if rid == k] == r.tokens for k, r in reqs.items())
     assert runs[1] == runs[3]
@@ -118,11 +122,15 @@ def test_a_call_reads_the_cache_only_up_to_its_span(bundled):
     """Each call reads the shortest of the engine's spans that holds its positions: with NaN in every cache
     position from 64 on (the MTP layer's cache too), requests that stay below 64 get the tokens of a clean engine,
     plain and with MTP; read whole (spans=(max_len,)), the NaN reaches the logits and the request ends in an
-    error."""
+    error. The default ladder halves max_len down to 128 positions, four lengths at most."""
     import jax.numpy as jnp
-    params, cfg, prompts, eos = bundled
 
-    def run(poison, mtp=False, spans=None):
+    from model.engine import span_ladder
+    params, cfg, prompts, eos = bundled
+    assert [span_ladder(64, n) for n in (128, 320, 1024, 32768)] == [
+        (128,), (128, 192, 320), (128, 256, 512, 1024), (4096, 8192, 16384, 32768)]
+
+    def run(poison, mtp=False, spans=SPANS):
         engine = Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK, mtp=mtp, spans=spans)
         for name in ("cache", "mtp") if poison else ():
             c = getattr(engine, name)
@@ -134,7 +142,7 @@ def test_a_call_reads_the_cache_only_up_to_its_span(bundled):
         assert max(len(prompts[i]) for i in (1, 3)) + 12 <= 64
         return [(r.tokens, r.finish_reason) for r in reqs]
 
-    assert Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK).spans == (16, 32, 64, 128)
+    assert Engine(params, cfg, slots=SLOTS, max_len=MAX_LEN, chunk=CHUNK).spans == (128,)
     for mtp in (False, True):
         clean = run(False, mtp)
         assert run(True, mtp) == clean and {reason for _, reason in clean} == {"length"}
@@ -220,8 +228,8 @@ def test_pallas_decode_attention(bundled, monkeypatch):
 
 def test_the_benchmark_command(tmp_path, capsys):
     """scripts/benchmark.py on the bundled model: a small load at two concurrencies with two decode steps per call
-    writes one row each, every request's tokens counted; --mtp with several decode steps, and a --max-len that does
-    not hold the load, are usage errors."""
+    writes one row each, every request's tokens counted; --mtp with several decode steps, spans that do not end at
+    the cache length, and a --max-len that does not hold the load, are usage errors."""
     import importlib.util
     import json
     from pathlib import Path
@@ -233,12 +241,17 @@ def test_the_benchmark_command(tmp_path, capsys):
     bench.main(["--requests", "3", "--input-len", "5:20", "--output-len", "3:6", "--concurrency", "1", "2",
                 "--decode-steps", "2", "--json", str(out)])
     res = json.loads(out.read_text())
-    assert res["decode_steps"] == 2 and res["max_len"] == 64 and [r["concurrency"] for r in res["rows"]] == [1, 2]
+    assert res["decode_steps"] == 2 and res["max_len"] == 64 and res["spans"] == [64]
+    assert [r["concurrency"] for r in res["rows"]] == [1, 2]
     assert all(r["requests"] == 3 and 9 <= r["output_tokens"] <= 18 for r in res["rows"])
     assert "2 decode steps per call" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         bench.main(["--mtp", "--decode-steps", "2"])
     assert e.value.code == 2 and "leave --decode-steps at 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--input-len", "64", "--output-len", "64", "--spans", "64"])
+    assert e.value.code == 2 and "--spans: spans must be increasing read lengths ending at max_len=128" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         bench.main(["--input-len", "64", "--output-len", "64", "--max-len", "96"])
     assert e.value.code == 2 and "--max-len 96 must hold the longest request (128 positions)" in \
