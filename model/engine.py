@@ -404,12 +404,12 @@ class Engine:
             if r is not None:
                 host[:, i] = r.tokens[-1], len(r.tokens), r.max_new_tokens - len(r.tokens)
         # the positions this call's live queries read: each slot's cache holds prompt + tokens - 1 (the last token
-        # is fed now); a verify step feeds two tokens, a decode step one a step while the slot has budget left
-        span = self._span(max(len(r.prompt) + len(r.tokens) - 1 + (
-            2 if self.mtp is not None else min(self.decode_steps, r.max_new_tokens - len(r.tokens)))
+        # is fed now); a verify step feeds two tokens, a decode step one a step while the slot has budget left.
+        # The pallas decode kernel reads each slot's cache up to its length itself: no bound.
+        span = None if self.plan.attention == "pallas" else self._span(max(
+            len(r.prompt) + len(r.tokens) - 1 + (
+                2 if self.mtp is not None else min(self.decode_steps, r.max_new_tokens - len(r.tokens)))
             for r in decoding))
-        if self.plan.attention == "pallas":
-            span = None  # the decode kernel reads each slot's cache up to its length itself
         cache = self.cache.replace(span=span)
         if self.mtp is not None:
             out, self.cache, self.mtp, self._draft, self._q = _verify_slots(
